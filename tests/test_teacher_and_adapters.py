@@ -1,0 +1,156 @@
+"""The exact teacher (snapshot swap), PiSSA invariants and the PEFT save/load round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from balora.adapters import apply_method, save_final, save_initial_adapter, trainable_parameters
+from balora.config import AdapterConfig
+from balora.methods import parse_method
+from balora.teacher import SnapshotTeacher, TeacherFeatureCache
+
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def _batch(seed=0, n=5, length=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # one padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _load(path):
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+
+
+def _train_steps(model, steps=4, lr=5e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        out = model(**_batch(step), labels=torch.tensor([0, 1, 2, 0, 1]))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _reference_logits(original, model, batch):
+    """The untouched pre-trained model with the student's CURRENT head (paper B.3)."""
+    ref = copy.deepcopy(original)
+    head = [m for n, m in model.named_modules() if n.endswith("classifier")][0]
+    current = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+    ref.classifier.load_state_dict(current.state_dict())
+    ref.eval()
+    with torch.no_grad():
+        return ref(**batch).logits
+
+
+@pytest.mark.parametrize("method", ["pissa", "lora", "dora", "pissa_niter_2", "full"])
+def test_teacher_is_the_original_model_before_and_after_training(tiny_model_dir, method):
+    torch.manual_seed(0)
+    original = _load(tiny_model_dir)
+    model = apply_method(copy.deepcopy(original), AdapterConfig(method=method, rank=4, target_modules=TARGETS))
+    teacher = SnapshotTeacher(model)
+    batch = _batch(99)
+    before = teacher.logits(model, batch)
+    torch.testing.assert_close(before, _reference_logits(original, model, batch), atol=1e-5, rtol=0)
+    _train_steps(model)
+    after = teacher.logits(model, batch)
+    torch.testing.assert_close(after, _reference_logits(original, model, batch), atol=1e-5, rtol=0)
+    # the student really moved away from the teacher, and the swap left it untouched
+    model.eval()
+    with torch.no_grad():
+        student = model(**batch).logits
+    assert (student - after).abs().max() > 1e-3
+    assert model.training is False  # restored to the mode it was in
+
+
+def test_disable_adapter_is_not_the_teacher_for_pissa(tiny_model_dir):
+    original = _load(tiny_model_dir)
+    model = apply_method(copy.deepcopy(original), AdapterConfig(method="pissa", rank=4, target_modules=TARGETS))
+    batch = _batch(3)
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        residual_only = model(**batch).logits
+    reference = _reference_logits(original, model, batch)
+    assert (residual_only - reference).abs().max() > 1e-3  # W_res alone is not W
+
+
+def test_pissa_leaves_outputs_unchanged_at_step_zero(tiny_model_dir):
+    original = _load(tiny_model_dir).eval()
+    model = apply_method(copy.deepcopy(original), AdapterConfig(method="pissa", rank=4, target_modules=TARGETS))
+    model.eval()
+    batch = _batch(5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, _reference_logits(original, model, batch), atol=1e-5, rtol=0)
+
+
+def test_teacher_memory_is_the_adapter_not_a_model_copy(tiny_model_dir):
+    model = apply_method(_load(tiny_model_dir), AdapterConfig(method="pissa", rank=4, target_modules=TARGETS))
+    teacher = SnapshotTeacher(model)
+    adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                        if "lora_" in n)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert teacher.nbytes == adapter_bytes
+    assert teacher.nbytes < 0.05 * model_bytes
+    assert not any("classifier" in name for name in teacher.snapshot)
+
+
+def test_teacher_feature_cache_matches_the_teacher(tiny_model_dir):
+    torch.manual_seed(0)
+    model = apply_method(_load(tiny_model_dir), AdapterConfig(method="pissa", rank=4, target_modules=TARGETS))
+    teacher = SnapshotTeacher(model)
+    cache = TeacherFeatureCache(teacher, model)
+    batch, ids = _batch(7), torch.arange(5)
+    first = cache.logits(model, batch, ids)
+    torch.testing.assert_close(first, teacher.logits(model, batch), atol=1e-6, rtol=0)
+    assert (cache.misses, cache.hits) == (5, 0)
+    _train_steps(model)  # the head changes; cached features must be reused with the CURRENT head
+    sub = {k: v[[3, 1]] for k, v in batch.items()}
+    again = cache.logits(model, sub, ids[[3, 1]])
+    assert (cache.misses, cache.hits) == (5, 2)
+    torch.testing.assert_close(again, teacher.logits(model, sub), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["pissa", "lora"])
+def test_saved_adapter_loads_on_the_original_model(tiny_model_dir, tmp_path, method):
+    torch.manual_seed(0)
+    model = apply_method(_load(tiny_model_dir), AdapterConfig(method=method, rank=4, target_modules=TARGETS))
+    save_initial_adapter(model, method, tmp_path)
+    assert (tmp_path / "initial_adapter").is_dir() == parse_method(method).mutates_base
+    _train_steps(model)
+    save_final(model, method, tmp_path / "adapter", tmp_path)
+    model.eval()
+    batch = _batch(11)
+    with torch.no_grad():
+        trained = model(**batch).logits
+    reloaded = PeftModel.from_pretrained(_load(tiny_model_dir), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trained, atol=1e-4, rtol=0)
+
+
+def test_trainable_parameter_counts(tiny_model_dir):
+    full = apply_method(_load(tiny_model_dir), AdapterConfig(method="full"))
+    lora = apply_method(_load(tiny_model_dir), AdapterConfig(method="lora", rank=4, target_modules=TARGETS))
+    assert trainable_parameters(full) == sum(p.numel() for p in full.parameters())
+    assert 0 < trainable_parameters(lora) < 0.1 * trainable_parameters(full)
+
+
+@pytest.mark.parametrize("name, base, reg", [
+    ("balora", "pissa", True), ("lora+reg", "lora", True), ("pissa_niter_4", "pissa_niter_4", False),
+    ("DoRA", "dora", False), ("full+reg", "full", True), ("gaussian", "gaussian", False),
+])
+def test_parse_method(name, base, reg):
+    spec = parse_method(name)
+    assert (spec.base, spec.regularized) == (base, reg)
+
+
+@pytest.mark.parametrize("bad", ["", "lorax", "pissa+foo", "pissa+reg+reg", "loftq"])
+def test_parse_method_rejects_bad_names(bad):
+    with pytest.raises(ValueError):
+        parse_method(bad)
