@@ -259,6 +259,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     for option in options:
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str):  # PyYAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is int and isinstance(value, float) and value.is_integer():

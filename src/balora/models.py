@@ -35,7 +35,9 @@ def load_sequence_classifier(
     ``problem_type`` "regression" (``num_labels == 1``) makes the model use MSE as task loss.
     """
     path = resolve_model(name)
-    kwargs = dict(num_labels=num_labels, problem_type=problem_type)
+    # A checkpoint that already has a head of another size (e.g. an MNLI model reused for R8)
+    # gets a fresh head instead of a size-mismatch error.
+    kwargs = dict(num_labels=num_labels, problem_type=problem_type, ignore_mismatched_sizes=True)
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}

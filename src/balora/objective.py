@@ -44,6 +44,12 @@ class ClassificationRegularizers:
                 "regression head (one output): consistency is the MSE between teacher and student "
                 "predictions; the diversity and SVD regularisers are undefined for D=1 and skipped"
             )
+        elif self.config.lambda_svd and self.config.svd_k >= num_labels:
+            logger.warning(
+                "svd_k=%d >= number of classes %d: the SVD term (eq. 7) is the constant -1 and has no "
+                "gradient; lower regularizers.svd_k below the number of classes for it to act",
+                self.config.svd_k, num_labels,
+            )
 
     @property
     def needs_teacher(self) -> bool:

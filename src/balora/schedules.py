@@ -55,7 +55,8 @@ class LambdaSchedule:
             return 0.0
         if self.ramp_ratio == 0:
             return 1.0
-        return min((progress - self.warmup_ratio) / self.ramp_ratio, 1.0)
+        # rounded so that float error does not leave the factor at 0.9999999999999998
+        return min(round((progress - self.warmup_ratio) / self.ramp_ratio, 12), 1.0)
 
 
 def parse_schedule(spec: str | dict | LambdaSchedule | None) -> LambdaSchedule:

@@ -1,0 +1,95 @@
+"""A transformers ``Trainer`` that adds the BA-LoRA regularisers to the task loss.
+
+``BALoRATrainer(..., regularizers=ClassificationRegularizers(...), teacher=SnapshotTeacher(...))``
+computes, on every training batch, L = L_task + λ1·L_CR + λ2·L_DR + λ3·L_SVD (eq. 8) and logs the
+task loss, each regulariser and each λ at every logging step (averaged over the steps since the
+last log), so they reach TensorBoard or any other ``report_to`` integration.
+
+Without ``regularizers`` it is a plain Trainer (methods without ``+reg``), so every method runs
+through the same code path and budgets stay comparable. Evaluation never adds regularisers.
+Datasets may carry an ``example_id`` column (needed by the teacher feature cache); it is removed
+before the model is called.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from balora.objective import ClassificationRegularizers
+from balora.teacher import SnapshotTeacher, TeacherFeatureCache
+
+EXAMPLE_ID = "example_id"
+
+
+class BALoRATrainer(Trainer):
+    """Trainer with BA-LoRA's output-space regularisers and a frozen pre-trained teacher."""
+
+    def __init__(
+        self,
+        *args,
+        regularizers: ClassificationRegularizers | None = None,
+        teacher: SnapshotTeacher | None = None,
+        teacher_cache: bool = False,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.regularizers = regularizers
+        self.teacher = teacher
+        if regularizers is not None and regularizers.needs_teacher and teacher is None:
+            raise ValueError("the consistency regulariser needs a teacher (SnapshotTeacher)")
+        self.teacher_cache = TeacherFeatureCache(teacher, self.model) if (teacher and teacher_cache) else None
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        example_ids = inputs.pop(EXAMPLE_ID, None)
+        outputs = model(**inputs)
+        task_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        loss = task_loss
+        if model.training:
+            logs = {"task_loss": task_loss.item()}
+            if self.regularizers is not None:
+                step, total = self.state.global_step, max(self.state.max_steps, 1)
+                teacher_logits = None
+                if self.regularizers.lambdas(step, total)[0] > 0:
+                    teacher_logits = self._teacher_logits(model, inputs, example_ids)
+                terms = self.regularizers(outputs.logits, teacher_logits, step, total)
+                loss = task_loss + terms.total.to(task_loss.dtype)
+                logs.update(terms.logs)
+            self._accumulate(logs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _teacher_logits(self, model, inputs, example_ids) -> torch.Tensor:
+        if self.teacher_cache is not None:
+            if example_ids is None:
+                raise ValueError("the teacher feature cache needs an 'example_id' column in the training data")
+            return self.teacher_cache.logits(self.model, inputs, example_ids)
+        # The snapshot is keyed by the unwrapped model's parameter names (no DDP "module." prefix).
+        return self.teacher.logits(self.accelerator.unwrap_model(model), inputs)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = {k: v for k, v in inputs.items() if k != EXAMPLE_ID}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    # ------------------------------------------------------------------ logging
+
+    def _accumulate(self, logs: dict[str, float]) -> None:
+        for key, value in logs.items():
+            self._sums[key] += value
+        self._count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averages of the task loss, regularisers and λs since the last log."""
+        if "loss" in logs and self._count:
+            for key, total in self._sums.items():
+                logs[key] = total / self._count
+            self._sums.clear()
+            self._count = 0
+        if self.teacher_cache is not None and "loss" in logs:
+            logs["teacher_cache_hits"] = float(self.teacher_cache.hits)
+        super().log(logs, start_time)
