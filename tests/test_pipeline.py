@@ -1,0 +1,124 @@
+"""End to end on a tiny model: run directory, saved adapter round trip, resume, CLI errors, demo table."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from balora.cli import main
+from balora.config import load_config
+from balora.pipeline import train_classification
+
+
+def _config(tiny_model_dir, task_files, tmp_path, method="balora", steps=4, **extra):
+    train_file, eval_file = task_files
+    overrides = [
+        f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}", "model.max_length=16",
+        "data.task=files", f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+        f"adapter.method={method}", "adapter.rank=4", "adapter.target_modules=[query,value]",
+        f"train.max_steps={steps}", "train.save_steps=2", "train.logging_steps=1", "train.batch_size=8",
+        "train.report_to=[]", "train.learning_rate=1e-2",
+        *[f"{k}={v}" for k, v in extra.items()],
+    ]
+    return load_config(None, overrides)
+
+
+def test_run_directory_and_adapter_round_trip(tiny_model_dir, task_files, tmp_path):
+    result = train_classification(_config(tiny_model_dir, task_files, tmp_path), progress=False)
+    run = result.run_dir
+    for name in ("config.yaml", "metrics.json", "log_history.json", "loss_curve.png", "adapter", "initial_adapter"):
+        assert (run / name).exists(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "pissa+reg" and metrics["global_steps"] == 4
+    assert {"accuracy", "macro_f1", "rarest_class_recall", "trainable_parameters"} <= set(metrics)
+    assert any("reg_consistency" in h for h in result.log_history)
+
+    # the saved adapter is plain LoRA (rank 2r) and reproduces the run's predictions on the ORIGINAL model
+    adapter_cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 8 and adapter_cfg["init_lora_weights"] is True
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    tok = AutoTokenizer.from_pretrained(run / "adapter")
+    import csv
+    with open(task_files[1]) as handle:
+        rows = list(csv.DictReader(handle))
+    batch = tok([r["text"] for r in rows], truncation=True, max_length=16, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        preds = model(**batch).logits.argmax(-1)
+    labels = sorted({r["label"] for r in rows})
+    accuracy = sum(labels[p] == r["label"] for p, r in zip(preds.tolist(), rows)) / len(rows)
+    assert accuracy == pytest.approx(metrics["accuracy"])
+
+    # a second run never overwrites the first
+    again = train_classification(_config(tiny_model_dir, task_files, tmp_path, steps=2), progress=False)
+    assert again.run_dir != run and (run / "metrics.json").exists()
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, task_files, tmp_path):
+    full = train_classification(_config(tiny_model_dir, task_files, tmp_path / "a", steps=4), progress=False)
+    # simulate a run killed after its step-2 checkpoint
+    crashed = tmp_path / "crashed"
+    shutil.copytree(full.run_dir, crashed)
+    for name in ("metrics.json", "log_history.json", "loss_curve.png"):
+        (crashed / name).unlink()
+    shutil.rmtree(crashed / "adapter")
+    shutil.rmtree(crashed / "checkpoints" / "checkpoint-4")
+    state_file = crashed / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"][0]["marker"] = 1.0  # only a run that really resumes carries it on
+    state_file.write_text(json.dumps(state))
+    resumed = train_classification(None, resume=crashed, progress=False)
+    assert resumed.metrics["global_steps"] == 4
+    assert resumed.log_history[0].get("marker") == 1.0
+    assert [h["step"] for h in resumed.log_history if "task_loss" in h] == [1, 2, 3, 4]
+    a = load_file(str(full.run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    with pytest.raises(FileExistsError, match="already complete"):
+        train_classification(None, resume=crashed, progress=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "missing.yaml"], "config file not found"),
+    (["train", "adapter.rank=0"], "adapter.rank must be >= 1"),
+    (["train", "adapter.method=qlora"], "unknown method"),
+    (["train", "data.task=nope", "model.name=/nonexistent/model"], "nope"),
+    (["train", "--resume", "/nonexistent/run"], "not a run directory"),
+])
+def test_cli_user_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_bad_model_path_is_one_line(task_files, tmp_path, capsys):
+    train_file, eval_file = task_files
+    code = main(["train", "data.task=files", f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+                 "model.name=/nonexistent/model", f"output_dir={tmp_path}"])
+    assert code == 2
+    assert "could not load model" in capsys.readouterr().err
+
+
+def test_demo_table_and_figure(tiny_model_dir, task_files, tmp_path):
+    from balora.demo import format_table, run_demo
+
+    train_file, eval_file = task_files
+    overrides = {
+        "model": {"name": tiny_model_dir, "max_length": 16},
+        "adapter": {"target_modules": ["query", "value"], "rank": 4},
+        "data": {"task": "files", "train_file": train_file, "eval_file": eval_file},
+        "train": {"max_steps": 2, "report_to": [], "save_steps": 2},
+    }
+    rows, demo_dir = run_demo(tmp_path, ["lora", "balora"], overrides, progress=False)
+    assert [r["method"] for r in rows] == ["lora", "balora"]
+    assert (demo_dir / "comparison.png").stat().st_size > 10_000
+    table = format_table(rows)
+    assert "rarest-class recall" in table and "balora" in table
+    assert json.loads((demo_dir / "summary.json").read_text())[1]["method"] == "balora"
