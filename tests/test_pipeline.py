@@ -110,12 +110,11 @@ def test_demo_table_and_figure(tiny_model_dir, task_files, tmp_path):
     from balora.demo import format_table, run_demo
 
     train_file, eval_file = task_files
-    overrides = {
-        "model": {"name": tiny_model_dir, "max_length": 16},
-        "adapter": {"target_modules": ["query", "value"], "rank": 4},
-        "data": {"task": "files", "train_file": train_file, "eval_file": eval_file},
-        "train": {"max_steps": 2, "report_to": [], "save_steps": 2},
-    }
+    overrides = [
+        f"model.name={tiny_model_dir}", "model.max_length=16", "adapter.target_modules=[query,value]",
+        "adapter.rank=4", "data.task=files", f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+        "train.max_steps=2", "train.report_to=[]", "train.save_steps=2",
+    ]
     rows, demo_dir = run_demo(tmp_path, ["lora", "balora"], overrides, progress=False)
     assert [r["method"] for r in rows] == ["lora", "balora"]
     assert (demo_dir / "comparison.png").stat().st_size > 10_000

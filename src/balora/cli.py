@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="LoRA vs PiSSA vs BA-LoRA on Reuters R8 with MiniLM (offline)")
     demo.add_argument("--output-dir", default="runs")
     demo.add_argument("--methods", default="lora,pissa,balora", help="comma-separated methods")
-    demo.add_argument("--max-train-examples", type=int, default=None, help="subsample the training set")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of the shared config, e.g. train.max_steps=400")
     demo.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -62,8 +62,7 @@ def _demo(args) -> int:
     from balora.demo import format_table, run_demo
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    overrides = {"data": {"max_train_examples": args.max_train_examples}} if args.max_train_examples else None
-    rows, demo_dir = run_demo(args.output_dir, methods, overrides, progress=not args.no_progress)
+    rows, demo_dir = run_demo(args.output_dir, methods, args.overrides, progress=not args.no_progress)
     print("\n" + format_table(rows))
     print(f"\nfigure: {demo_dir / 'comparison.png'}\nresults: {demo_dir / 'summary.json'}")
     return 0

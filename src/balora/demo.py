@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from balora import runs
-from balora.config import AdapterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from balora.config import AdapterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, from_dict
 from balora.pipeline import RunResult, train_classification
 from balora.plots import plot_comparison
 
@@ -58,15 +58,16 @@ def format_table(rows: Sequence[dict]) -> str:
 def run_demo(
     output_dir: str | Path = "runs",
     methods: Sequence[str] = DEMO_METHODS,
-    overrides: dict | None = None,
+    overrides: Sequence[str] = (),
     progress: bool = True,
 ) -> tuple[list[dict], Path]:
-    """Train every method with the same budget; return the table rows and the demo directory."""
-    demo_dir = runs.create_run_dir(output_dir, "demo-reuters-r8")
-    base = demo_config(demo_dir)
-    for section, values in (overrides or {}).items():
-        for key, value in values.items():
-            setattr(getattr(base, section), key, value)
+    """Train every method with the same budget; return the table rows and the demo directory.
+
+    ``overrides`` are ``key=value`` strings applied to the shared config (``train.max_steps=400``).
+    """
+    base = from_dict(RunConfig, apply_overrides(demo_config(output_dir).to_dict(), list(overrides)))
+    demo_dir = runs.create_run_dir(output_dir, f"demo-{base.data.task}")
+    base.output_dir = str(demo_dir)
     rows, histories = [], {}
     for method in methods:
         config = copy.deepcopy(base)
@@ -87,7 +88,7 @@ def run_demo(
         [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("rarest_class_recall", "rarest-class recall")],
         demo_dir / "comparison.png",
         histories=histories,
-        title="MiniLM-L6 on Reuters R8 (same rank, data and steps)",
+        title=f"{base.model.name} on {base.data.task} (same rank, data and steps)",
     )
     runs.write_json(demo_dir / "summary.json", rows)
     return rows, demo_dir

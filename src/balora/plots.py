@@ -15,6 +15,16 @@ LOSS_KEYS = ("task_loss", "reg_consistency", "reg_diversity", "reg_svd")
 LAMBDA_KEYS = ("lambda_consistency", "lambda_diversity", "lambda_svd")
 
 
+def _save(fig, path: str | os.PathLike, title: str) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _series(history: Sequence[Mapping], key: str) -> tuple[list[int], list[float]]:
     points = [(h["step"], h[key]) for h in history if key in h and "step" in h]
     return [p[0] for p in points], [p[1] for p in points]
@@ -41,13 +51,7 @@ def plot_loss_curve(history: Sequence[Mapping], path: str | os.PathLike, title: 
     ax_lambda.set_title("λ schedule" if plotted else "no regularisers in this run")
     if plotted:
         ax_lambda.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_comparison(
@@ -68,7 +72,9 @@ def plot_comparison(
         bars = ax.bar(methods, values, color=colors[: len(methods)])
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
         ax.set_title(label, fontsize=10)
-        ax.set_ylim(0, max([v for v in values if v == v] + [1e-9]) * 1.2)
+        finite = [v for v in values if v == v]
+        top = max(finite + [0.0])
+        ax.set_ylim(0, 1.1 if top <= 1.0 else top * 1.2)  # rates share a 0-1 axis, even when all 0
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     if histories:
         ax = axes[-1]
@@ -79,10 +85,4 @@ def plot_comparison(
         ax.set_title("training task loss", fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
