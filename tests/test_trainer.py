@@ -137,3 +137,29 @@ def test_consistency_without_teacher_is_an_error(tiny_model_dir):
     regs = ClassificationRegularizers(RegularizerConfig(), 3)
     with pytest.raises(ValueError, match="teacher"):
         regs(torch.randn(4, 3), None, 0, 10)
+
+
+def test_gradient_accumulation_matches_one_large_batch(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    def one_step(batch_size, accumulation):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            tiny_model_dir, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = apply_method(model, AdapterConfig(method="lora", rank=4, target_modules=TARGETS))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{accumulation}"), max_steps=1, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, learning_rate=1e-2, report_to=[], save_strategy="no",
+            remove_unused_columns=False, disable_tqdm=True, use_cpu=True, lr_scheduler_type="constant",
+            optim="sgd", max_grad_norm=0.0, seed=0,
+        )
+        data = Dataset.from_dict({k: v[:6] for k, v in _dataset()[:6].items()})
+        trainer = BALoRATrainer(model=model, args=args, train_dataset=data,
+                                data_collator=DataCollatorWithPadding(AutoTokenizer.from_pretrained(tiny_model_dir)))
+        trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(data)
+        trainer.train()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, accumulated = one_step(6, 1), one_step(3, 2)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -27,6 +27,10 @@ EXAMPLE_ID = "example_id"
 class BALoRATrainer(Trainer):
     """Trainer with BA-LoRA's output-space regularisers and a frozen pre-trained teacher."""
 
+    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the number of
+    # gradient accumulation steps (it would not for models that take loss kwargs otherwise).
+    loss_is_scaled_for_ga = False
+
     def __init__(
         self,
         *args,
