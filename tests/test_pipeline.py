@@ -98,6 +98,23 @@ def test_cli_user_errors_are_one_line(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_cli_offline_glue_and_bad_yaml_are_one_line(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert main(["train", "data.task=cola", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train_file" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not valid YAML (line" in err and len(err.splitlines()) == 1
+
+
 def test_cli_bad_model_path_is_one_line(task_files, tmp_path, capsys):
     train_file, eval_file = task_files
     code = main(["train", "data.task=files", f"data.train_file={train_file}", f"data.eval_file={eval_file}",

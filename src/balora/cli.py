@@ -15,7 +15,8 @@ from balora.assets import AssetNotInstalled
 from balora.config import ConfigError, load_config
 from balora.models import ModelLoadError
 
-USER_ERRORS = (ConfigError, AssetNotInstalled, ModelLoadError, FileNotFoundError, FileExistsError, ValueError)
+USER_ERRORS = (ConfigError, AssetNotInstalled, ModelLoadError, FileNotFoundError, FileExistsError, ValueError,
+               ConnectionError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.debug:
             raise
-        print(f"balora: error: {err}", file=sys.stderr)
+        print(f"balora: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("balora: interrupted; resume a run with `balora train --resume RUN_DIR`", file=sys.stderr)

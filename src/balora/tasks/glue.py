@@ -62,7 +62,7 @@ def _from_hub(name: str, task: GlueTask, files_hint: str) -> tuple[datasets.Data
         raise ConnectionError(
             f"could not load GLUE task {name!r} from the hub ({GLUE_HUB_ID}): "
             f"{type(exc).__name__}: {first} -- without internet, pass local files instead: "
-            f"train_file=... and eval_file=... ({files_hint})"
+            f"train_file=... and eval_file=... (data.train_file / data.eval_file in a run config; {files_hint})"
         ) from None
     names = None
     feature = dd["train"].features.get("label")
