@@ -80,14 +80,6 @@ class SnapshotTeacher:
         with self.active(model):
             return model(**batch).logits.detach()
 
-    def load_snapshot(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Replace the snapshot (e.g. with the initial adapter saved by an earlier run)."""
-        missing = set(self.snapshot) - set(state)
-        if missing:
-            raise ValueError(f"snapshot state misses {len(missing)} parameter(s), e.g. {sorted(missing)[0]}")
-        for name in self.snapshot:
-            self.snapshot[name] = state[name].detach().to(self.snapshot[name]).clone()
-
 
 def find_head(model: nn.Module, shared_modules: tuple[str, ...] = DEFAULT_SHARED_MODULES) -> nn.Module:
     """The outermost module whose name ends with one of ``shared_modules``."""
