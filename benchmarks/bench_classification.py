@@ -24,6 +24,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -68,7 +69,7 @@ def build(mode: str, args):
         teacher = SnapshotTeacher(model)
     trainer = BALoRATrainer(
         model=model,
-        args=TrainingArguments(output_dir="/tmp/balora-bench", report_to=[], use_cpu=True,
+        args=TrainingArguments(output_dir=tempfile.mkdtemp(prefix="balora-bench-"), report_to=[], use_cpu=True,
                                learning_rate=1e-3, max_steps=10_000, disable_tqdm=True),
         regularizers=regs, teacher=teacher, teacher_cache=(mode == "balora-cache"),
     )
