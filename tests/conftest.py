@@ -39,6 +39,38 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """SmolLM2's real tokenizer (ChatML template, pad = eos = <|im_end|>), read from the packaged GGUF."""
+    from transformers import AutoTokenizer
+
+    from balora.assets import MODELS, resolve_model
+
+    path = tmp_path_factory.mktemp("smollm2-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"), gguf_file=MODELS["smollm2"].gguf_file)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(smollm2_tokenizer_dir, tmp_path_factory):
+    """A 2-layer Llama (hidden 32, tied embeddings) with SmolLM2's tokenizer, saved like a real checkpoint."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def write_task_files(folder, n_train=48, n_eval=24, seed=0):
     """Tiny 3-class CSV files whose label is predictable from the words."""
     rng = random.Random(seed)
