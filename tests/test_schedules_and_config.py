@@ -64,7 +64,11 @@ def test_yaml_and_overrides(tmp_path):
     (["regularizers.consistency_kind=l1"], "consistency_kind"),
     (["regularizers.temperature=0"], "temperature"),
     (["epochs"], "key=value"),
-    (["family=generation"], "not available"),
+    (["family=translation"], "family"),
+    (["regularizers.svd_solver=qr"], "svd_solver"),
+    (["eval.benchmark=bleu"], "eval.benchmark"),
+    (["train.loss_chunk_size=0"], "loss_chunk_size"),
+    (["data.train_on=everything"], "train_on"),
 ])
 def test_bad_config_values_give_clear_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -21,6 +21,7 @@ TASK_FAMILIES = ("classification", "generation")
 CONSISTENCY_KINDS = ("kl", "mse", "cosine")
 DIVERSITY_KINDS = ("covariance", "entropy")
 SVD_NORMALIZATIONS = ("nuclear", "frobenius")
+SVD_SOLVERS = ("auto", "exact", "randomized")
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,9 @@ class RegularizerConfig:
     consistency_schedule: Any = None  # constant | linear_warmup | cosine | two_phase | {kind: .., ..}
     focus_schedule: Any = None  # schedule of λ2 and λ3
     teacher_cache: bool = False  # classification: cache the frozen teacher's pooled features
+    svd_solver: str = "auto"  # generation: auto (exact via QR of a frozen head) | exact | randomized
+    svd_oversample: int = 10  # randomized SVD: basis columns beyond svd_k
+    svd_niter: int = 2  # randomized SVD: power iterations
 
     def __post_init__(self) -> None:
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
@@ -64,6 +68,9 @@ class RegularizerConfig:
             _check_choice("regularizers.diversity_kind", self.diversity_kind, DIVERSITY_KINDS)
         if self.svd_normalize is not None:
             _check_choice("regularizers.svd_normalize", self.svd_normalize, SVD_NORMALIZATIONS)
+        _check_choice("regularizers.svd_solver", self.svd_solver, SVD_SOLVERS)
+        if self.svd_oversample < 0 or self.svd_niter < 0:
+            raise ConfigError("regularizers.svd_oversample and svd_niter must be >= 0")
         for name in ("consistency_schedule", "focus_schedule"):
             value = getattr(self, name)
             if value is not None:
@@ -154,8 +161,11 @@ class DataConfig:
     label_column: str | None = None
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    format: str = "auto"  # generation: alpaca | metamath | codefeedback | prompt_response | chat | sharegpt
+    train_on: str = "last"  # generation: last | all_assistant (which assistant turns are targets)
 
     def __post_init__(self) -> None:
+        _check_choice("data.train_on", self.train_on, ("last", "all_assistant"))
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -180,8 +190,12 @@ class TrainConfig:
     save_total_limit: int = 2
     seed: int = 42
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    loss_chunk_size: int = 1024  # generation: valid tokens per chunk of the output-head losses
+    group_by_length: bool = False  # batch examples of similar length together (less padding)
 
     def __post_init__(self) -> None:
+        if self.loss_chunk_size < 1:
+            raise ConfigError(f"train.loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("train.epochs must be > 0 (or set train.max_steps > 0)")
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps",
@@ -197,6 +211,30 @@ class TrainConfig:
 
 
 @dataclass
+class GenerationEvalConfig:
+    """How a generation run is evaluated after training (ignored by classification runs)."""
+
+    benchmark: str | None = None  # gsm8k (answer check) | math | None = chosen by data.task
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    max_examples: int | None = None  # evaluate on the first N test problems
+    perplexity_corpus: str | None = None  # e.g. grimm-tales: also report perplexity (adapted vs pre-trained)
+    perplexity_stride: int = 512
+
+    def __post_init__(self) -> None:
+        if self.benchmark is not None:
+            _check_choice("eval.benchmark", self.benchmark, GENERATION_BENCHMARKS)
+        for name in ("max_new_tokens", "batch_size", "perplexity_stride"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"eval.max_examples must be >= 1, got {self.max_examples}")
+
+
+GENERATION_BENCHMARKS = ("gsm8k", "math")
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs."""
 
@@ -208,11 +246,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: GenerationEvalConfig = field(default_factory=lambda: GenerationEvalConfig())
 
     def __post_init__(self) -> None:
         _check_choice("family", self.family, TASK_FAMILIES)
-        if self.family != "classification":
-            raise ConfigError("family 'generation' is not available yet: only classification runs")
 
     @property
     def run_name(self) -> str:

@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from balora.generation_objective import GenerationObjective
 from balora.objective import ClassificationRegularizers
 from balora.teacher import SnapshotTeacher, TeacherFeatureCache
 
@@ -46,6 +47,7 @@ class BALoRATrainer(Trainer):
             raise ValueError("the consistency regulariser needs a teacher (SnapshotTeacher)")
         self.teacher_cache = TeacherFeatureCache(teacher, self.model) if (teacher and teacher_cache) else None
         self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
         self._count = 0
 
     # ------------------------------------------------------------------ loss
@@ -83,17 +85,49 @@ class BALoRATrainer(Trainer):
     # ------------------------------------------------------------------ logging
 
     def _accumulate(self, logs: dict[str, float]) -> None:
+        # each key is averaged over the steps that reported it (a term with λ = 0 is not computed)
         for key, value in logs.items():
             self._sums[key] += value
+            self._counts[key] += 1
         self._count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averages of the task loss, regularisers and λs since the last log."""
         if "loss" in logs and self._count:
             for key, total in self._sums.items():
-                logs[key] = total / self._count
+                logs[key] = total / self._counts[key]
             self._sums.clear()
+            self._counts.clear()
             self._count = 0
         if self.teacher_cache is not None and "loss" in logs:
             logs["teacher_cache_hits"] = float(self.teacher_cache.hits)
         super().log(logs, start_time)
+
+
+class GenerationTrainer(BALoRATrainer):
+    """Trainer for causal LMs: the loss is a :class:`~balora.generation_objective.GenerationObjective`.
+
+    The objective computes the cross-entropy over the response tokens and, for ``+reg`` methods,
+    the three generation regularisers, from hidden states and the output head restricted to the
+    valid tokens (the full B×T×|V| logits are never formed). The teacher forward runs on the
+    unwrapped model (snapshot parameter names carry no DDP prefix).
+    """
+
+    def __init__(self, *args, objective: GenerationObjective, teacher: SnapshotTeacher | None = None, **kwargs):
+        super().__init__(*args, regularizers=None, teacher=teacher, teacher_cache=False, **kwargs)
+        if objective.needs_teacher and teacher is None:
+            raise ValueError("the consistency regulariser needs a teacher (SnapshotTeacher)")
+        self.objective = objective
+        self._plain_objective = GenerationObjective(chunk_size=objective.chunk_size)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs.pop(EXAMPLE_ID, None)
+        if not model.training:  # evaluation loss: the plain cross-entropy over response tokens
+            loss, _ = self._plain_objective(model, inputs)
+            return (loss, None) if return_outputs else loss
+        loss, logs = self.objective(
+            model, inputs, step=self.state.global_step, total_steps=max(self.state.max_steps, 1),
+            teacher=self.teacher, teacher_model=self.accelerator.unwrap_model(model),
+        )
+        self._accumulate(logs)
+        return (loss, None) if return_outputs else loss

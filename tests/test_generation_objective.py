@@ -1,0 +1,192 @@
+"""The generation objective on a real (tiny) Llama, against naive references from full logits."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import TaskType
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from balora.adapters import apply_method
+from balora.config import AdapterConfig, RegularizerConfig
+from balora.generation_objective import GenerationObjective
+from balora.teacher import SnapshotTeacher
+
+V = 257
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def batch(seed=1):
+    """3 rows: prompt masked, response targets, right padding (attention 0, labels -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (3, 11), generator=g)
+    attn = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, :6] = -100
+    labels[2, :2] = -100
+    for row, length in ((1, 9), (2, 7)):
+        ids[row, length:] = 0
+        attn[row, length:] = 0
+        labels[row, length:] = -100
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def constant_reg(**kw):
+    base = dict(lambda_consistency=0.3, lambda_diversity=0.2, lambda_svd=0.1, svd_k=3, top_k=7,
+                consistency_schedule="constant", focus_schedule="constant")
+    base.update(kw)
+    return RegularizerConfig(**base)
+
+
+def naive_loss(model, teacher_model, inputs, reg: RegularizerConfig | None):
+    """Everything from the full (B, T, V) logits, the way the authors' code does it."""
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    targets = inputs["labels"][:, 1:]
+    valid = targets != -100
+    z = logits[:, :-1][valid].double()
+    ce = F.cross_entropy(z, targets[valid])
+    if reg is None:
+        return ce
+    c = reg.resolved("generation")
+    with torch.no_grad():
+        zt = teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1][valid].double()
+    p = torch.softmax(zt / c.temperature, -1)
+    kl = c.temperature**2 * (p * (p.log() - torch.log_softmax(z / c.temperature, -1))).sum(-1).mean()
+    pk = torch.softmax(z.topk(c.top_k, -1).values, -1)
+    neg_ent = (pk * pk.log()).sum(-1).mean()
+    sigma = torch.linalg.svdvals(z)
+    svd = -sigma[: c.svd_k].sum() / torch.linalg.vector_norm(z)
+    return ce + c.lambda_consistency * kl + c.lambda_diversity * neg_ent + c.lambda_svd * svd
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_plain_objective_equals_the_models_own_loss():
+    model = tiny_llama()
+    inputs = batch()
+    loss, logs = GenerationObjective()(model, inputs)
+    loss.backward()
+    mine = grads(model)
+    model.zero_grad()
+    reference = model(**inputs).loss  # transformers shifts the labels itself
+    reference.backward()
+    torch.testing.assert_close(loss.float(), reference, rtol=1e-5, atol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(mine[name], g, rtol=1e-4, atol=1e-6)
+    # valid tokens = response tokens that have a next token inside the row
+    assert logs["valid_tokens"] == (inputs["labels"][:, 1:] != -100).sum().item()
+
+
+@pytest.mark.parametrize("method", ["pissa", "lora"])
+def test_balora_objective_equals_naive_reference_at_step_zero_and_after_training(method):
+    base = tiny_llama()
+    original = copy.deepcopy(base).eval()
+    model = apply_method(base, AdapterConfig(method=method + "+reg", rank=4, target_modules=PROJ), TaskType.CAUSAL_LM)
+    teacher = SnapshotTeacher(model, shared_modules=())
+    reg = constant_reg()
+    objective = GenerationObjective(reg, chunk_size=5)
+    inputs = batch()
+
+    loss, logs = objective(model, inputs, teacher=teacher)
+    assert logs["reg_consistency"] == pytest.approx(0.0, abs=1e-6)  # teacher == student at step 0
+    torch.testing.assert_close(loss.double(), naive_loss(model, original, inputs, reg), rtol=1e-4, atol=1e-5)
+
+    # a few optimiser steps move the student away from the teacher
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        objective(model, inputs, teacher=teacher)[0].backward()
+        opt.step()
+    model.zero_grad()
+    loss, logs = objective(model, inputs, teacher=teacher)
+    loss.backward()
+    mine = grads(model)
+    model.zero_grad()
+    ref = naive_loss(model, original, inputs, reg)
+    ref.backward()
+    assert logs["reg_consistency"] > 1e-4
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(mine[name], g, rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_chunk_size_changes_nothing(chunk):
+    model = apply_method(tiny_llama(), AdapterConfig(method="pissa+reg", rank=4, target_modules=PROJ), TaskType.CAUSAL_LM)
+    teacher = SnapshotTeacher(model, shared_modules=())
+    inputs = batch()
+    results = []
+    for size in (chunk, 7):
+        model.zero_grad()
+        loss, _ = GenerationObjective(constant_reg(), chunk_size=size)(model, inputs, teacher=teacher)
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    for name in results[0][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_all_masked_batch_gives_zero_and_finite_gradients():
+    model = apply_method(tiny_llama(), AdapterConfig(method="pissa+reg", rank=4, target_modules=PROJ), TaskType.CAUSAL_LM)
+    teacher = SnapshotTeacher(model, shared_modules=())
+    inputs = batch()
+    inputs["labels"] = torch.full_like(inputs["labels"], -100)
+    loss, logs = GenerationObjective(constant_reg())(model, inputs, teacher=teacher)
+    loss.backward()
+    assert loss.item() == 0.0 and logs["valid_tokens"] == 0
+    assert all(torch.isfinite(g).all() for g in grads(model).values())
+
+
+def test_schedules_switch_terms_off_and_on():
+    objective = GenerationObjective(RegularizerConfig())  # paper defaults: cosine λ1, two-phase λ2/λ3
+    l1, l2, l3 = objective.lambdas(0, 100)
+    assert l1 == pytest.approx(0.025) and l2 == 0.0 and l3 == 0.0  # two-phase: off for the first 20%
+    _, l2, l3 = objective.lambdas(30, 100)
+    assert l2 == pytest.approx(0.005) and l3 == pytest.approx(0.005)
+    assert GenerationObjective().lambdas(50, 100) == (0.0, 0.0, 0.0)
+
+
+def test_trainable_head_falls_back_to_randomized_svd_once(caplog):
+    model = tiny_llama()
+    original = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)  # full fine-tuning: the (tied) head is trained
+    teacher = SnapshotTeacher(model, shared_modules=())
+    reg = constant_reg(svd_k=3)
+    objective = GenerationObjective(reg, chunk_size=4, svd_oversample=40)
+    inputs = batch()
+    with caplog.at_level(logging.WARNING, logger="balora"):
+        loss, _ = objective(model, inputs, teacher=teacher)
+        objective(model, inputs, teacher=teacher)
+    assert sum("randomized SVD" in r.message for r in caplog.records) == 1
+    # oversampling covers the whole rank here, so the randomized SVD is exact
+    torch.testing.assert_close(loss.double(), naive_loss(model, original, inputs, reg), rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert torch.isfinite(model.lm_head.weight.grad).all()
+
+
+def test_exact_svd_is_refused_for_a_trainable_head_and_bad_settings():
+    model = tiny_llama()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    objective = GenerationObjective(constant_reg(lambda_consistency=0.0), svd="exact")
+    with pytest.raises(ValueError, match="frozen"):
+        objective(model, batch())
+    with pytest.raises(ValueError, match="svd"):
+        GenerationObjective(svd="qr")
+    with pytest.raises(ValueError, match="labels"):
+        GenerationObjective()(model, {"input_ids": batch()["input_ids"]})
