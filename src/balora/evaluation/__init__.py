@@ -1,0 +1,1 @@
+"""Evaluation of fine-tuned language models: generation, task metrics, code execution, judging, perplexity."""
