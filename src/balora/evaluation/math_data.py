@@ -1,0 +1,279 @@
+"""Math benchmarks from the hub or from local files: GSM8K and MATH (Hendrycks et al., 2021).
+
+Both loaders return a :class:`datasets.Dataset` with
+
+* ``question``: the problem text;
+* ``answer``: the raw reference solution (GSM8K: worked steps ending with ``#### N``;
+  MATH: LaTeX solution with a ``\\boxed{..}``), or the bare answer when a file has no solution;
+* ``final_answer``: the answer to compare against (GSM8K: a number string; MATH: the boxed
+  LaTeX), ready for :func:`balora.evaluation.math_answers.score_math`.
+
+MATH rows also carry ``subject`` (hub config name such as ``counting_and_probability``) and
+``level`` (1-5, 0 when unknown).
+
+Hub sources: ``openai/gsm8k`` (config ``main``) and ``EleutherAI/hendrycks_math`` (one config
+per subject, concatenated here). With ``path=...`` a local ``.jsonl`` / ``.json`` / ``.parquet``
+file replaces the hub (``split`` is then ignored), e.g. an offline copy or MATH-500.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import datasets
+
+from .math_answers import extract_boxed_answer, extract_gsm8k_answer
+
+__all__ = [
+    "GSM8K_HUB_ID",
+    "MATH_HUB_ID",
+    "MATH_SUBJECTS",
+    "load_gsm8k",
+    "load_math",
+    "read_local_rows",
+]
+
+GSM8K_HUB_ID = "openai/gsm8k"
+GSM8K_CONFIG = "main"
+MATH_HUB_ID = "EleutherAI/hendrycks_math"
+#: The hub configs of MATH, one per subject.
+MATH_SUBJECTS = (
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+)
+SPLITS = ("train", "test")
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def read_local_rows(path: str | Path) -> list[dict]:
+    """Rows of a local ``.jsonl`` (one object per line), ``.json`` (an array of objects, or
+    JSON lines) or ``.parquet`` file. One-line ValueError for a missing / malformed file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"math data file not found: {file}")
+    suffix = file.suffix.lower()
+    if suffix not in _LOCAL_SUFFIXES:
+        raise ValueError(f"unsupported math data file {file.name!r}; use one of {', '.join(_LOCAL_SUFFIXES)}")
+    if suffix == ".parquet":
+        import pyarrow.parquet  # noqa: PLC0415 - a dependency of datasets
+
+        try:
+            return pyarrow.parquet.read_table(file).to_pylist()
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
+            raise ValueError(f"could not read {file} as parquet: {type(exc).__name__}: {exc}") from None
+    return _read_json_rows(file)
+
+
+def _read_json_rows(file: Path) -> list[dict]:
+    """A JSON array of objects, or JSON lines (blank lines skipped)."""
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file} is not valid JSON: {exc}") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{file} line {number} is not valid JSON: {exc}") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise ValueError(f"{file} must hold JSON objects (one per line, or an array of objects)")
+    return rows
+
+
+def _require_columns(rows: list[dict], needed: Iterable[str], where: str) -> None:
+    """ValueError for no rows, or naming the missing columns and the ones that are there."""
+    if not rows:
+        raise ValueError(f"{where} has no rows")
+    present = set(rows[0]) if rows else set()
+    missing = [name for name in needed if name not in present]
+    if missing:
+        raise ValueError(f"{where} lacks column(s) {', '.join(missing)}; found: {', '.join(sorted(present)) or 'none'}")
+
+
+def _dataset(rows: list[dict], features: datasets.Features, max_examples: int | None) -> datasets.Dataset:
+    """The first ``max_examples`` rows (all when None) as a Dataset with ``features``."""
+    rows = rows if max_examples is None else rows[:max_examples]
+    return datasets.Dataset.from_dict({k: [row[k] for row in rows] for k in features}, features=features)
+
+
+def _check_max_examples(max_examples: int | None) -> None:
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be >= 1 (got {max_examples})")
+
+
+def _check_split(split: str, name: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown {name} split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def _from_hub(hub_id: str, config: str, split: str) -> datasets.Dataset:
+    """``datasets.load_dataset(hub_id, config, split=split)`` with a one-line error on failure."""
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: all mean "no hub data"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConnectionError(
+            f"could not load {hub_id} ({config}, split {split}) from the hub: {type(exc).__name__}: {first} "
+            "-- without internet, pass path=... to a local .jsonl/.json/.parquet copy"
+        ) from None
+
+
+# --------------------------------------------------------------------------- GSM8K
+
+
+_GSM8K_FEATURES = datasets.Features({k: datasets.Value("string") for k in ("question", "answer", "final_answer")})
+
+
+def _gsm8k_row(row: dict) -> dict:
+    """A ``question``/``answer`` row -> ``question``, ``answer``, ``final_answer`` (the ``#### N`` number)."""
+    answer = str(row["answer"])
+    return {"question": str(row["question"]), "answer": answer, "final_answer": extract_gsm8k_answer(answer) or ""}
+
+
+def load_gsm8k(
+    split: str = "test", path: str | Path | None = None, max_examples: int | None = None
+) -> datasets.Dataset:
+    """GSM8K problems: the hub's ``openai/gsm8k`` (config ``main``, ``split`` = train | test) or
+    ``path`` (a local file with columns ``question`` and ``answer``; ``split`` ignored).
+
+    Returns columns ``question``, ``answer`` (worked solution), ``final_answer`` (the number
+    after ``####``; for a bare-number answer, that number). ``max_examples`` keeps the first N.
+    """
+    _check_max_examples(max_examples)
+    if path is not None:
+        rows, where = read_local_rows(path), str(path)
+    else:
+        _check_split(split, "GSM8K")
+        rows, where = _from_hub(GSM8K_HUB_ID, GSM8K_CONFIG, split).to_list(), f"{GSM8K_HUB_ID} ({split})"
+    _require_columns(rows, ("question", "answer"), where)
+    return _dataset([_gsm8k_row(row) for row in rows], _GSM8K_FEATURES, max_examples)
+
+
+# --------------------------------------------------------------------------- MATH
+
+
+def _subject_key(name: str) -> str:
+    """``"Counting & Probability"`` -> ``"counting_and_probability"`` (hub config spelling)."""
+    return re.sub(r"[\s\-]+", "_", name.strip().lower().replace("&", "and"))
+
+
+def _check_subjects(subjects: Iterable[str] | str | None) -> list[str]:
+    """The requested subjects as hub config names (all when None); ValueError for unknown ones."""
+    if subjects is None:
+        return list(MATH_SUBJECTS)
+    chosen = [_subject_key(s) for s in ([subjects] if isinstance(subjects, str) else subjects)]
+    unknown = [s for s in chosen if s not in MATH_SUBJECTS]
+    if unknown or not chosen:
+        raise ValueError(f"unknown MATH subject(s) {unknown or chosen}; choose from {', '.join(MATH_SUBJECTS)}")
+    return chosen
+
+
+def _check_levels(level: int | Iterable[int] | None) -> set[int] | None:
+    """The requested difficulty levels (1-5) as a set, None for all."""
+    if level is None:
+        return None
+    levels = {level} if isinstance(level, int) else set(level)
+    if not levels or not levels <= {1, 2, 3, 4, 5}:
+        raise ValueError(f"MATH level must be between 1 and 5 (or a list of them), got {level!r}")
+    return levels
+
+
+def _level_number(value: object) -> int:
+    """``"Level 3"`` / ``3`` / ``"3"`` -> 3; anything else (``"Level ?"``, missing) -> 0."""
+    match = re.search(r"\d+", str(value)) if value is not None else None
+    return int(match.group()) if match else 0
+
+
+def _math_row(row: dict, subject: str | None) -> dict:
+    """A hub / local MATH row -> the common schema (see the module docstring)."""
+    solution = row.get("solution")
+    given = row.get("answer")
+    answer = str(solution if solution is not None else given)
+    final = str(given) if given is not None else (extract_boxed_answer(answer) or "")
+    return {
+        "question": str(row["problem"]),
+        "answer": answer,
+        "final_answer": final.strip(),
+        "subject": _subject_key(str(row.get("subject") or row.get("type") or subject or "")),
+        "level": _level_number(row.get("level")),
+    }
+
+
+_MATH_FEATURES = datasets.Features(
+    {
+        "question": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "final_answer": datasets.Value("string"),
+        "subject": datasets.Value("string"),
+        "level": datasets.Value("int64"),
+    }
+)
+
+
+def _math_hub_rows(split: str, subjects: list[str]) -> list[dict]:
+    """Every chosen subject config of the hub dataset, concatenated in ``MATH_SUBJECTS`` order."""
+    rows: list[dict] = []
+    for subject in subjects:
+        rows.extend(_math_row(row, subject) for row in _from_hub(MATH_HUB_ID, subject, split))
+    return rows
+
+
+def load_math(
+    split: str = "test",
+    path: str | Path | None = None,
+    subjects: Iterable[str] | str | None = None,
+    max_examples: int | None = None,
+    level: int | Iterable[int] | None = None,
+) -> datasets.Dataset:
+    """MATH problems from the hub (``EleutherAI/hendrycks_math``: one config per subject, loaded
+    and concatenated) or from ``path`` (columns ``problem`` plus ``solution`` and/or ``answer``;
+    ``split`` ignored).
+
+    Args:
+        subjects: hub config names (``"algebra"``, ``"number_theory"``, ...; ``"Number Theory"``
+            also works); None = all seven. For local files, rows are filtered on their
+            ``subject`` / ``type`` column.
+        level: keep only these difficulty levels (1-5).
+        max_examples: keep the first N rows after filtering.
+
+    Returns columns ``question``, ``answer`` (solution, or the bare answer), ``final_answer``
+    (the file's ``answer`` column if any, else the last ``\\boxed{}`` of the solution),
+    ``subject``, ``level``.
+    """
+    _check_max_examples(max_examples)
+    chosen = _check_subjects(subjects)
+    levels = _check_levels(level)
+    if path is not None:
+        raw = read_local_rows(path)
+        _require_columns(raw, ("problem",), str(path))
+        if raw and "solution" not in raw[0] and "answer" not in raw[0]:
+            raise ValueError(f"{path} needs a 'solution' or an 'answer' column; found: {', '.join(sorted(raw[0]))}")
+        if levels is not None and raw and "level" not in raw[0]:
+            raise ValueError(f"{path} has no 'level' column to filter on; drop level=...")
+        rows = [_math_row(row, None) for row in raw]
+        if subjects is not None:
+            rows = [row for row in rows if row["subject"] in chosen]
+    else:
+        _check_split(split, "MATH")
+        rows = _math_hub_rows(split, chosen)
+    if levels is not None:
+        rows = [row for row in rows if row["level"] in levels]
+    if not rows:
+        raise ValueError(f"no MATH problems left with subjects={subjects!r}, level={level!r} in {path or MATH_HUB_ID}")
+    return _dataset(rows, _MATH_FEATURES, max_examples)
