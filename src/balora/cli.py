@@ -1,4 +1,4 @@
-"""Command line: ``balora train CONFIG.yaml [key=value ...]`` and ``balora demo``.
+"""Command line: ``balora train CONFIG.yaml [key=value ...]``, ``balora demo`` and ``balora evaluate``.
 
 A thin layer over balora.pipeline and balora.demo. User mistakes (a bad config value, a missing
 file, an asset that is not installed) end in one clear line on stderr and exit code 2; ``--debug``
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from balora.assets import AssetNotInstalled
 from balora.config import ConfigError, load_config
+from balora.evaluation.cli import add_evaluate_parser, run_evaluate
 from balora.models import ModelLoadError
 
 USER_ERRORS = (ConfigError, AssetNotInstalled, ModelLoadError, FileNotFoundError, FileExistsError, ValueError,
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", default="lora,pissa,balora", help="comma-separated methods")
     demo.add_argument("overrides", nargs="*", help="key=value overrides of the shared config, e.g. train.max_steps=400")
     demo.add_argument("--no-progress", action="store_true")
+
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("balora").setLevel(logging.INFO)
     try:
+        if args.command == "evaluate":
+            return run_evaluate(args)
         return _train(args) if args.command == "train" else _demo(args)
     except USER_ERRORS as err:
         if args.debug:

@@ -1,0 +1,428 @@
+"""``balora evaluate``: model + adapter loading, the per-benchmark runners and the CLI layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from balora.evaluation import runner
+from balora.evaluation.cli import add_evaluate_parser, evaluate_options, format_metrics, run_evaluate
+from balora.evaluation.code import CodeExecutionNotAllowed, CodeProblem
+from balora.evaluation.judge import JudgeError
+from balora.evaluation.perplexity import sliding_window_perplexity
+from balora.sft.formats import render_messages, render_prompt
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs POSIX")
+
+GSM_ROWS = [
+    {"question": "Tom has 2 apples and buys 1 more. How many apples does he have?",
+     "answer": "He has 2 + 1 = 3 apples.\n#### 3"},
+    {"question": "A box holds 4 pens. How many pens are in 2 boxes?", "answer": "4 * 2 = 8\n#### 8"},
+    {"question": "Sara had 10 sweets and ate 4. How many are left?", "answer": "10 - 4 = 6\n#### 6"},
+]
+
+HUMANEVAL_ROWS = [
+    {"task_id": "Toy/0", "entry_point": "add",
+     "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+     "canonical_solution": "    return a + b\n",
+     "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"},
+    {"task_id": "Toy/1", "entry_point": "double",
+     "prompt": 'def double(xs):\n    """Every element times two."""\n',
+     "canonical_solution": "    return [2 * x for x in xs]\n",
+     "test": "def check(candidate):\n    assert candidate([1, 2]) == [2, 4]\n    assert candidate([]) == []\n"},
+]
+
+MT_BENCH_ROWS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a haiku about rain.", "Now make it sad."]},
+    {"question_id": 111, "category": "math", "turns": ["What is 2 + 2?"], "reference": ["4"]},
+]
+
+TALE = (
+    "Once upon a time there lived a king and a queen who had no children. Every day they said: "
+    "ah, if only we had a child! But they never had one. It happened that once when the queen "
+    "was bathing, a frog crept out of the water and said to her: your wish shall be fulfilled."
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not suffer when the CPU cores are busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _lora(model_dir, init_b: float | None):
+    """The tiny Llama with a rank-2 LoRA on q/v; B = 0 (PEFT's default) or N(0, init_b)."""
+    torch.manual_seed(0)
+    base = LlamaForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                           task_type="CAUSAL_LM"))
+    if init_b is not None:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in peft.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, init_b, generator=gen)
+    return peft.eval()
+
+
+@pytest.fixture(scope="module")
+def zero_b_adapter(tiny_causal_lm_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("zero-b-adapter")
+    _lora(tiny_causal_lm_dir, None).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny_causal_lm_dir, tmp_path_factory):
+    """(in-memory PeftModel, its saved adapter directory) with a non-zero B."""
+    path = tmp_path_factory.mktemp("trained-adapter")
+    peft = _lora(tiny_causal_lm_dir, 0.5)
+    peft.save_pretrained(str(path))
+    return peft, path
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "tale.txt"
+    path.write_text(TALE, encoding="utf-8")
+    return path
+
+
+def _tiny_ids(tokenizer):
+    return tokenizer(["Hello there, how are you?"], return_tensors="pt")["input_ids"]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_adapter_directory_round_trip(tiny_causal_lm_dir, trained_adapter):
+    peft, path = trained_adapter
+    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, str(path))
+    assert isinstance(model, PeftModel) and not model.training
+    ids = _tiny_ids(tokenizer)
+    with torch.no_grad():
+        expected = peft(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+        base = LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected)
+    assert (got - base).abs().max() > 1e-4  # the adapter really changes the outputs
+
+
+def test_run_directory_as_adapter(tiny_causal_lm_dir, trained_adapter, tmp_path):
+    peft, path = trained_adapter
+    run_dir = tmp_path / "math-balora-20250101-000000"
+    (run_dir / "adapter").mkdir(parents=True)
+    for f in path.iterdir():
+        (run_dir / "adapter" / f.name).write_bytes(f.read_bytes())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(
+        {"family": "generation", "model": {"name": tiny_causal_lm_dir, "max_length": 64}}))
+    source = runner.resolve_model_source(None, run_dir)  # base model read from config.yaml
+    assert source.base == tiny_causal_lm_dir and source.adapter_dir == run_dir / "adapter"
+    model, tokenizer = runner.load_model_for_eval(None, str(run_dir))
+    ids = _tiny_ids(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits)
+
+
+def test_loading_user_errors(tmp_path, tiny_causal_lm_dir):
+    with pytest.raises(ValueError, match="adapter directory not found"):
+        runner.resolve_model_source("smollm2", tmp_path / "missing")
+    with pytest.raises(ValueError, match="neither a PEFT adapter directory"):
+        runner.resolve_model_source("smollm2", tmp_path)
+    run_dir = tmp_path / "r8-lora"
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"family": "classification", "model": {"name": "minilm"}}))
+    with pytest.raises(ValueError, match="classification run"):
+        runner.resolve_model_source(None, run_dir)
+    assert runner.resolve_model_source(None, None).base == "smollm2"
+    with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
+        runner.run_evaluation(tiny_causal_lm_dir, None, "gsm9k", tmp_path)
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def test_gsm8k_on_local_jsonl(tiny_causal_lm_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "gsm8k.jsonl", GSM_ROWS)
+    metrics, out_dir = runner.run_evaluation(tiny_causal_lm_dir, None, "gsm8k", tmp_path / "runs", path=str(data),
+                                             max_new_tokens=6, batch_size=2, progress=False)
+    assert out_dir.parent == tmp_path / "runs" and out_dir.name.startswith("eval-gsm8k-")
+    assert {"accuracy", "correct", "total", "no_answer", "benchmark", "model", "seconds"} <= set(metrics)
+    assert metrics["total"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["accuracy"] == pytest.approx(metrics["correct"] / 3)
+    assert json.loads((out_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    records = [json.loads(line) for line in (out_dir / "records.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in records] == [r["question"] for r in GSM_ROWS]
+    assert all({"generated", "extracted", "gold", "correct"} <= set(r) for r in records)
+
+
+def test_gsm8k_prompts_and_scoring(tiny_causal_lm_dir, tmp_path, monkeypatch):
+    """The prompts are training's render_prompt; right / wrong / missing answers are counted."""
+    data = _write_jsonl(tmp_path / "gsm8k.jsonl", GSM_ROWS)
+    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, None)
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, *, sampling, add_special_tokens, **kwargs):
+        seen.update(prompts=prompts, sampling=sampling, add_special_tokens=add_special_tokens)
+        return [["The answer is 3."], ["2 boxes hold 9 pens."], ["I do not know."]]
+
+    monkeypatch.setattr(runner, "generate_texts", fake_generate)
+    records = tmp_path / "records.jsonl"
+    metrics = runner.eval_math(model, tokenizer, "gsm8k", path=data, max_new_tokens=7, progress=False,
+                               records_path=records)
+    assert seen["prompts"] == [render_prompt(tokenizer, r["question"]) for r in GSM_ROWS]
+    assert seen["sampling"].do_sample is False and seen["sampling"].max_new_tokens == 7
+    assert seen["add_special_tokens"] is False  # the chat template already holds them
+    assert (metrics["correct"], metrics["total"], metrics["no_answer"]) == (1, 3, 1)
+    assert metrics["accuracy"] == pytest.approx(1 / 3)
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [True, False, False]
+    with pytest.raises(FileExistsError):  # records are never overwritten
+        runner.eval_math(model, tokenizer, "gsm8k", path=data, progress=False, records_path=records)
+
+
+# ----------------------------------------------------------------------------- code
+
+
+def test_code_refuses_without_opt_in_before_anything(tiny_causal_lm_dir, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("nothing may be generated or loaded without --allow-code-execution")
+
+    monkeypatch.setattr(runner, "generate_texts", boom)
+    monkeypatch.setattr(runner, "load_source", boom)
+    monkeypatch.setattr(runner, "load_humaneval", boom)
+    for benchmark in ("humaneval", "mbpp"):
+        with pytest.raises(CodeExecutionNotAllowed, match="--allow-code-execution"):
+            runner.run_evaluation(tiny_causal_lm_dir, None, benchmark, tmp_path / "runs")
+        with pytest.raises(CodeExecutionNotAllowed):
+            runner.eval_code(None, None, benchmark, allow_code_execution=False)
+    assert not (tmp_path / "runs").exists()
+
+
+@posix_only
+def test_humaneval_random_model_fails_every_sample(tiny_causal_lm_dir, tmp_path):
+    data = _write_jsonl(tmp_path / "toy.jsonl", HUMANEVAL_ROWS)
+    metrics, out_dir = runner.run_evaluation(
+        tiny_causal_lm_dir, None, "humaneval", tmp_path, path=str(data), samples=2, ks=(1, 2),
+        allow_code_execution=True, max_new_tokens=8, timeout_s=5, progress=False)
+    assert metrics["pass@1"] == 0.0 and metrics["pass@2"] == 0.0
+    assert (metrics["n_problems"], metrics["n_samples"]) == (2, 4)
+    assert sum(metrics["statuses"].values()) == 4 and "passed" not in metrics["statuses"]
+    records = [json.loads(line) for line in (out_dir / "records.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["sample"]) for r in records] == [("Toy/0", 0), ("Toy/0", 1), ("Toy/1", 0), ("Toy/1", 1)]
+    assert all(r["status"] != "passed" and r["error"] for r in records)
+
+
+@posix_only
+def test_humaneval_chat_replies_are_extracted_and_scored(tiny_causal_lm_dir, tmp_path, monkeypatch):
+    """A fenced whole-function reply passes, a wrong one fails: pass@1 = 1/2."""
+    data = _write_jsonl(tmp_path / "toy.jsonl", HUMANEVAL_ROWS)
+    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, None)
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, *, sampling, **kwargs):
+        seen.update(prompts=prompts, sampling=sampling)
+        good = "Sure!\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+        bad = "```python\ndef double(xs):\n    return xs\n```"
+        return [[good], [bad]]
+
+    monkeypatch.setattr(runner, "generate_texts", fake_generate)
+    metrics = runner.eval_code(model, tokenizer, "humaneval", path=data, allow_code_execution=True,
+                               timeout_s=5, progress=False, records_path=tmp_path / "r.jsonl")
+    assert metrics["pass@1"] == pytest.approx(0.5)
+    assert seen["sampling"].do_sample is False and seen["sampling"].stop_strings == ()
+    assert seen["prompts"][0].startswith("<|im_start|>") and HUMANEVAL_ROWS[0]["prompt"] in seen["prompts"][0]
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert rows[0]["code"] == "def add(a, b):\n    return a + b\n" and rows[0]["status"] == "passed"
+    with pytest.raises(ValueError, match="between 1 and samples=1"):
+        runner.eval_code(model, tokenizer, "humaneval", path=data, ks=(1, 10), allow_code_execution=True)
+
+
+def test_code_prompts_without_chat_template(smollm2_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    problem = CodeProblem("Toy/0", HUMANEVAL_ROWS[0]["prompt"], HUMANEVAL_ROWS[0]["test"], "add")
+    chat = runner.code_prompt(tokenizer, problem)
+    assert chat == render_prompt(tokenizer, runner.CODE_INSTRUCTIONS["humaneval"].format(prompt=problem.prompt))
+    tokenizer.chat_template = None  # a base model: the raw prompt, cut at the next top-level line
+    assert runner.code_prompt(tokenizer, problem) == problem.prompt
+    greedy = runner._code_sampling(tokenizer, "humaneval", 1, 0.8, 64, seed=0)
+    assert not greedy.do_sample and "\ndef " in greedy.stop_strings
+    sampled = runner._code_sampling(tokenizer, "mbpp", 5, 0.6, 64, seed=0)
+    assert (sampled.do_sample, sampled.num_return_sequences, sampled.temperature) == (True, 5, 0.6)
+    assert "\nassert" in sampled.stop_strings
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def test_perplexity_zero_b_adapter_equals_pretrained(tiny_causal_lm_dir, zero_b_adapter, corpus_file, tmp_path):
+    metrics, out_dir = runner.run_evaluation(tiny_causal_lm_dir, str(zero_b_adapter), "perplexity", tmp_path,
+                                             corpus=str(corpus_file), stride=16, max_length=32, progress=False)
+    assert metrics["perplexity"] > 1 and metrics["tokens"] > 32
+    assert metrics["perplexity"] == pytest.approx(metrics["pretrained_perplexity"], rel=1e-6)
+    rows = [json.loads(line) for line in (out_dir / "records.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["evaluated", "pre-trained"]
+
+
+def test_perplexity_trained_adapter_reports_both(tiny_causal_lm_dir, trained_adapter, corpus_file):
+    peft, path = trained_adapter
+    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, str(path))
+    metrics = runner.eval_perplexity(model, tokenizer, str(corpus_file), stride=16, max_length=32, progress=False)
+    base = LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir).eval()
+    kwargs = dict(stride=16, max_length=32, progress=False)
+    expected_base = sliding_window_perplexity(base, tokenizer, [TALE], **kwargs).perplexity
+    expected_adapted = sliding_window_perplexity(peft, tokenizer, [TALE], **kwargs).perplexity
+    assert metrics["pretrained_perplexity"] == pytest.approx(expected_base, rel=1e-6)
+    assert metrics["perplexity"] == pytest.approx(expected_adapted, rel=1e-6)
+    assert abs(metrics["perplexity"] - metrics["pretrained_perplexity"]) > 1e-3
+    # the adapter is enabled again afterwards
+    assert runner.eval_perplexity(model, tokenizer, str(corpus_file), **kwargs)["perplexity"] == pytest.approx(
+        expected_adapted, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- MT-Bench
+
+
+class FakeJudge:
+    """Rates 7 when the judged answer is in the prompt, else 2."""
+
+    def __init__(self):
+        self.calls = []
+
+    def complete(self, messages, *, max_tokens, temperature):
+        self.calls.append(messages)
+        return "Fine. Rating: [[7]]" if "[The Start of Assistant" in messages[1]["content"] else "Rating: [[2]]"
+
+
+def test_mt_bench_with_a_judge_backend(tiny_causal_lm_dir, tmp_path, monkeypatch):
+    questions = _write_jsonl(tmp_path / "question.jsonl", MT_BENCH_ROWS)
+    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, None)
+    prompts = []
+    real = runner.generate_texts
+
+    def spy(model, tokenizer, batch, **kwargs):
+        prompts.extend(batch)
+        return real(model, tokenizer, batch, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_texts", spy)
+    judge = FakeJudge()
+    metrics = runner.eval_mt_bench(model, tokenizer, judge, path=questions, max_new_tokens=4, progress=False,
+                                   records_path=tmp_path / "r.jsonl")
+    assert len(judge.calls) == 3 and metrics["judged_turns"] == 3 and metrics["n_questions"] == 2
+    assert metrics["per_turn"] == {"1": 7.0, "2": 2.0}
+    assert metrics["mean_score"] == pytest.approx((7 + 2 + 7) / 3)
+    assert prompts[0] == render_messages(tokenizer, [{"role": "user", "content": MT_BENCH_ROWS[0]["turns"][0]}],
+                                         add_generation_prompt=True)
+    assert MT_BENCH_ROWS[0]["turns"][0] in prompts[1] and MT_BENCH_ROWS[0]["turns"][1] in prompts[1]
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["question_id"], r["turn"]) for r in rows] == [(81, 1), (81, 2), (111, 1)]
+    assert rows[2]["question"] == "What is 2 + 2?" and rows[2]["prompt"] == "single-ref"
+
+
+def test_openai_judge_without_key_fails_before_loading(tiny_causal_lm_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr(runner, "load_source", lambda source: pytest.fail("the model must not be loaded"))
+    with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
+        runner.run_evaluation(tiny_causal_lm_dir, None, "mt-bench", tmp_path)
+    with pytest.raises(ValueError, match="--judge-model"):
+        runner.make_judge("local")
+    assert "localhost" in runner._judge_name(runner.make_judge("openai", "m", "http://localhost:8000/v1"))
+
+
+# ----------------------------------------------------------------------------- run dirs and CLI
+
+
+def test_output_directories_are_never_overwritten(tiny_causal_lm_dir, corpus_file, tmp_path):
+    opts = dict(corpus=str(corpus_file), stride=32, max_length=32, progress=False)
+    first, dir1 = runner.run_evaluation(tiny_causal_lm_dir, None, "perplexity", tmp_path, **opts)
+    before = (dir1 / "metrics.json").read_text()
+    second, dir2 = runner.run_evaluation(tiny_causal_lm_dir, None, "perplexity", tmp_path, **opts)
+    assert dir1 != dir2 and dir1.parent == dir2.parent == tmp_path
+    assert (dir1 / "metrics.json").read_text() == before
+    assert first["perplexity"] == second["perplexity"] == first["pretrained_perplexity"]  # no adapter
+    with pytest.raises(ValueError, match="option not valid for perplexity"):
+        runner.run_evaluation(tiny_causal_lm_dir, None, "perplexity", tmp_path, samples=3, **opts)
+    with pytest.raises(ValueError, match="unknown perplexity corpus"):  # fails after the directory exists
+        runner.run_evaluation(tiny_causal_lm_dir, None, "perplexity", tmp_path, **dict(opts, corpus="nope"))
+    assert sorted(tmp_path.glob("eval-perplexity-*")) == sorted([dir1, dir2])  # failed runs leave no directory
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="balora")
+    add_evaluate_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_run_evaluate_prints_table_and_directory(tiny_causal_lm_dir, zero_b_adapter, corpus_file, tmp_path,
+                                                 capsys):
+    args = _parse(["evaluate", "perplexity", "--model", tiny_causal_lm_dir, "--adapter", str(zero_b_adapter),
+                   "--data", str(corpus_file), "--stride", "64", "--output-dir", str(tmp_path), "--no-progress"])
+    assert run_evaluate(args) == 0
+    out = capsys.readouterr().out
+    (out_dir,) = tmp_path.glob("eval-perplexity-*")
+    assert f"results: {out_dir}" in out
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert f"pretrained_perplexity  {metrics['pretrained_perplexity']:.4f}" in out
+    assert metrics["options"]["stride"] == 64 and metrics["adapter"] == str(zero_b_adapter)
+
+
+def test_cli_options_per_benchmark(tiny_causal_lm_dir):
+    code = evaluate_options(_parse(["evaluate", "humaneval", "--samples", "10", "--allow-code-execution",
+                                    "--timeout", "3", "--max-new-tokens", "99"]))
+    assert code["ks"] == (1, 10) and code["allow_code_execution"] and code["timeout_s"] == 3.0
+    assert code["max_new_tokens"] == 99 and code["samples"] == 10
+    math = evaluate_options(_parse(["evaluate", "gsm8k", "--max-examples", "5", "--data", "x.jsonl"]))
+    assert math == dict(path="x.jsonl", max_examples=5, batch_size=8, progress=True)
+    judge = evaluate_options(_parse(["evaluate", "mt-bench", "--judge", "local", "--judge-model", "smollm2"]))
+    assert (judge["judge"], judge["judge_model"], judge["max_questions"]) == ("local", "smollm2", None)
+    with pytest.raises(ValueError, match="--corpus or --data"):
+        evaluate_options(_parse(["evaluate", "perplexity", "--corpus", "wikitext-2", "--data", "a.txt"]))
+    with pytest.raises(SystemExit):
+        _parse(["evaluate", "gsm9k"])
+    help_text = _parse_help()
+    assert "--allow-code-execution" in help_text and "sandbox" in help_text
+    assert format_metrics({"a": 0.5, "b": {"x": 1}, "options": {"z": 1}}) == "a    0.5000\nb.x  1"
+
+
+def _parse_help() -> str:
+    parser = argparse.ArgumentParser(prog="balora")
+    sub = add_evaluate_parser(parser.add_subparsers(dest="command"))
+    return " ".join(sub.format_help().split())
+
+
+def test_full_fine_tuning_run_compares_with_its_base(tiny_causal_lm_dir, corpus_file, tmp_path):
+    """A run of method ``full`` saves a whole model in adapter/; the base of config.yaml is the
+    pre-trained model it is compared with."""
+    run_dir = tmp_path / "math-full"
+    tuned = LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.down_proj.weight.mul_(50.0)
+    tuned.save_pretrained(str(run_dir / "adapter"))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"family": "generation", "model": {"name": tiny_causal_lm_dir}}))
+    source = runner.resolve_model_source(None, run_dir)
+    assert (source.base, source.adapter_dir, source.full_model_dir) == (tiny_causal_lm_dir, None, run_dir / "adapter")
+    kwargs = dict(stride=16, max_length=32, progress=False)
+    metrics, _ = runner.run_evaluation(None, run_dir, "perplexity", tmp_path / "runs", corpus=str(corpus_file),
+                                       **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    base = LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir).eval()
+    assert metrics["pretrained_perplexity"] == pytest.approx(
+        sliding_window_perplexity(base, tokenizer, [TALE], **kwargs).perplexity, rel=1e-6)
+    assert metrics["perplexity"] == pytest.approx(
+        sliding_window_perplexity(tuned.eval(), tokenizer, [TALE], **kwargs).perplexity, rel=1e-6)
+    assert abs(metrics["perplexity"] - metrics["pretrained_perplexity"]) > 1e-3
