@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv assets clean bench
+.PHONY: demo demo-math test venv assets clean bench bench-generation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/balora demo
 
+demo-math: $(STAMP)
+	$(VENV)/bin/balora demo --task math
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_classification.py
+
+bench-generation: $(STAMP)
+	$(PY) benchmarks/bench_generation.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

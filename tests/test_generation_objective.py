@@ -190,3 +190,14 @@ def test_exact_svd_is_refused_for_a_trainable_head_and_bad_settings():
         GenerationObjective(svd="qr")
     with pytest.raises(ValueError, match="labels"):
         GenerationObjective()(model, {"input_ids": batch()["input_ids"]})
+
+
+def test_teacher_runs_the_decoder_alone_with_identical_hidden_states():
+    from balora.generation_objective import final_hidden_states, teacher_hidden_states
+
+    model = apply_method(tiny_llama(), AdapterConfig(method="pissa", rank=4, target_modules=PROJ), TaskType.CAUSAL_LM).eval()
+    inputs = batch()
+    with torch.no_grad():
+        full, _ = final_hidden_states(model, inputs)
+        alone = teacher_hidden_states(model, inputs)
+    torch.testing.assert_close(alone, full)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from balora.config import ConfigError, RegularizerConfig, RunConfig, load_config
@@ -78,3 +80,14 @@ def test_bad_config_values_give_clear_errors(overrides, match):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("nope.yaml")
+
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.family in ("classification", "generation")
+    if config.family == "generation":
+        assert config.regularizers.resolved("generation").svd_normalize == "frobenius"

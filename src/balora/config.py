@@ -190,7 +190,7 @@ class TrainConfig:
     save_total_limit: int = 2
     seed: int = 42
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    loss_chunk_size: int = 1024  # generation: valid tokens per chunk of the output-head losses
+    loss_chunk_size: int = 512  # generation: valid tokens per chunk of the output-head losses (memory ~ chunk x vocab)
     group_by_length: bool = False  # batch examples of similar length together (less padding)
 
     def __post_init__(self) -> None:

@@ -65,10 +65,10 @@ def math_demo_config(output_dir: str | Path) -> RunConfig:
         model=ModelConfig(name="smollm2", max_length=320),
         adapter=AdapterConfig(method="lora", rank=8, alpha=8, target_modules=DECODER_PROJECTIONS),
         data=DataConfig(task="gsm-symbolic"),
-        train=TrainConfig(max_steps=60, batch_size=4, learning_rate=2e-4, warmup_ratio=0.05,
-                          lr_scheduler="cosine", logging_steps=5, save_steps=30, seed=42,
+        train=TrainConfig(max_steps=50, batch_size=4, learning_rate=2e-4, warmup_ratio=0.05,
+                          lr_scheduler="cosine", logging_steps=5, save_steps=25, seed=42,
                           report_to=["tensorboard"]),
-        eval=GenerationEvalConfig(max_new_tokens=200, batch_size=16, max_examples=40),
+        eval=GenerationEvalConfig(max_new_tokens=200, batch_size=40, max_examples=40),
     )
 
 

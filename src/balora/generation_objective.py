@@ -73,6 +73,23 @@ def final_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) ->
     return out.hidden_states[-1], out.logits
 
 
+def teacher_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states (B, T, d) for the no-grad teacher forward.
+
+    Runs the decoder stack alone (``get_decoder()``) when the model has one, so neither the
+    hidden states of every layer nor any logits are kept: the teacher's memory does not grow
+    with the number of layers. Falls back to :func:`final_hidden_states` otherwise.
+    """
+    base = base_model(model)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base:
+        return final_hidden_states(model, inputs)[0]
+    kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
+    if inputs.get("attention_mask") is not None:
+        kwargs["attention_mask"] = inputs["attention_mask"]
+    return decoder(**kwargs).last_hidden_state
+
+
 class GenerationObjective:
     """Task cross-entropy plus BA-LoRA's generation regularisers, over the valid tokens.
 
@@ -89,7 +106,7 @@ class GenerationObjective:
         self,
         regularizers: RegularizerConfig | None = None,
         *,
-        chunk_size: int = 1024,
+        chunk_size: int = 512,
         svd: str = "auto",
         svd_oversample: int = 10,
         svd_niter: int = 2,
@@ -200,7 +217,7 @@ class GenerationObjective:
                 raise ValueError("the consistency regulariser needs a teacher (SnapshotTeacher)")
             target_model = teacher_model if teacher_model is not None else model
             with teacher.active(target_model):
-                t_hidden = final_hidden_states(target_model, inputs)[0][valid]
+                t_hidden = teacher_hidden_states(target_model, inputs)[valid]
                 if linear is not None and linear.frozen:
                     teacher_hidden = t_hidden
                 else:  # the teacher's own head (trainable/adapted heads): M × V, fallback only

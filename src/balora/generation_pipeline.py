@@ -28,19 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import yaml
 from peft import TaskType
 from transformers import set_seed
 
 from balora import runs
 from balora.adapters import apply_method, save_final, save_initial_adapter, trainable_parameters
-from balora.config import ConfigError, RunConfig, from_dict
+from balora.config import ConfigError, RunConfig
 from balora.evaluation.generation import SamplingConfig, generate_texts
 from balora.evaluation.math_answers import score_math
 from balora.generation_objective import GenerationObjective
 from balora.methods import parse_method
 from balora.models import load_causal_lm
-from balora.pipeline import RunResult, _tensorboard_callback, _training_arguments
+from balora.pipeline import RunResult, _tensorboard_callback, _training_arguments, resume_config
 from balora.plots import plot_loss_curve
 from balora.sft import SFTCollator, encode_sft, load_sft_dataset, render_prompt
 from balora.teacher import SnapshotTeacher
@@ -50,16 +49,6 @@ logger = logging.getLogger("balora")
 
 OFFLINE_MATH_TASK = "gsm-symbolic"
 PREDICTIONS_FILE = "predictions.jsonl"
-
-
-def _resume_config(resume: str | os.PathLike) -> tuple[Path, RunConfig]:
-    run_dir = Path(resume)
-    saved = run_dir / runs.CONFIG_FILE
-    if not saved.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no {runs.CONFIG_FILE})")
-    if (run_dir / runs.METRICS_FILE).exists():
-        raise FileExistsError(f"{run_dir} is already complete ({runs.METRICS_FILE} exists)")
-    return run_dir, from_dict(RunConfig, yaml.safe_load(saved.read_text()))
 
 
 def load_generation_data(config: RunConfig) -> tuple[datasets.Dataset, datasets.Dataset | None, str, dict[str, Any]]:
@@ -114,7 +103,11 @@ def _records(score) -> list[dict[str, Any]]:
 
 
 def evaluate_perplexity(model, tokenizer, config: RunConfig, progress: bool) -> dict[str, float]:
-    """Perplexity of the adapted model and of the pre-trained model (adapter disabled/merged-out)."""
+    """Sliding-window perplexity of ``model`` on ``eval.perplexity_corpus``.
+
+    ``train_generation`` calls it on the pre-trained model before the adapter is added and on the
+    adapted model after training, and reports both (paper Table 13).
+    """
     from balora.evaluation.perplexity import load_perplexity_texts, sliding_window_perplexity
 
     e = config.eval
@@ -132,7 +125,7 @@ def train_generation(
 ) -> RunResult:
     """Fine-tune a causal LM on instruction data, evaluate it, and write its run directory."""
     if resume is not None:
-        run_dir, config = _resume_config(resume)
+        run_dir, config = resume_config(resume)
     if config.family != "generation":
         raise ConfigError(f"train_generation needs family: generation, got {config.family!r}")
     spec = parse_method(config.adapter.method)

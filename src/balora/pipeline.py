@@ -89,6 +89,17 @@ def _tensorboard_callback(log_dir: Path):
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
+def resume_config(resume: str | os.PathLike) -> tuple[Path, RunConfig]:
+    """The run directory of an interrupted run and the config it was started with."""
+    run_dir = Path(resume)
+    saved = run_dir / runs.CONFIG_FILE
+    if not saved.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {runs.CONFIG_FILE})")
+    if (run_dir / runs.METRICS_FILE).exists():
+        raise FileExistsError(f"{run_dir} is already complete ({runs.METRICS_FILE} exists)")
+    return run_dir, from_dict(RunConfig, yaml.safe_load(saved.read_text()))
+
+
 def train_classification(
     config: RunConfig,
     *,
@@ -101,13 +112,7 @@ def train_classification(
     from its last checkpoint (the model and the teacher are rebuilt from the same seed).
     """
     if resume is not None:
-        run_dir = Path(resume)
-        saved = run_dir / runs.CONFIG_FILE
-        if not saved.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory (no {runs.CONFIG_FILE})")
-        if (run_dir / runs.METRICS_FILE).exists():
-            raise FileExistsError(f"{run_dir} is already complete ({runs.METRICS_FILE} exists)")
-        config = from_dict(RunConfig, yaml.safe_load(saved.read_text()))
+        run_dir, config = resume_config(resume)
     spec = parse_method(config.adapter.method)
     set_seed(config.train.seed)
 
