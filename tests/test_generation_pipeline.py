@@ -31,7 +31,18 @@ def _config(model_dir, tmp_path, method="balora", steps=4, **extra):
     return load_config(None, overrides)
 
 
-def test_generation_run_directory_predictions_and_adapter_round_trip(tiny_causal_lm_dir, tmp_path):
+def test_generation_run_directory_predictions_and_adapter_round_trip(tiny_causal_lm_dir, tmp_path, monkeypatch):
+    import balora.generation_pipeline as gp
+
+    trained, probe = {}, torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
+
+    def keep_logits(model, *args):  # the trained model's outputs, before conversion to LoRA
+        with torch.no_grad():
+            trained["logits"] = model(input_ids=probe).logits
+        return save_final(model, *args)
+
+    save_final = gp.save_final
+    monkeypatch.setattr(gp, "save_final", keep_logits)
     result = train_generation(_config(tiny_causal_lm_dir, tmp_path), progress=False)
     run = result.run_dir
     for name in ("config.yaml", "metrics.json", "log_history.json", "loss_curve.png", "adapter",
@@ -52,9 +63,12 @@ def test_generation_run_directory_predictions_and_adapter_round_trip(tiny_causal
     base = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir)
     model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
     assert any("lora_A" in n for n, _ in model.named_parameters())
+    # ... and reproduces the trained model exactly (which differs from the pre-trained one)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([[5, 6, 7]])).logits
-    assert torch.isfinite(out).all()
+        reloaded = model(input_ids=probe).logits
+        pretrained = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir)(input_ids=probe).logits
+    torch.testing.assert_close(reloaded, trained["logits"], atol=1e-4, rtol=1e-4)
+    assert (reloaded - pretrained).abs().max() > 1e-3
 
 
 def test_generation_resume_continues_from_the_last_checkpoint(tiny_causal_lm_dir, tmp_path):
