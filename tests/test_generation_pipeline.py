@@ -32,7 +32,7 @@ def _config(model_dir, tmp_path, method="balora", steps=4, **extra):
 
 
 def test_generation_run_directory_predictions_and_adapter_round_trip(tiny_causal_lm_dir, tmp_path, monkeypatch):
-    import balora.generation_pipeline as gp
+    import balora.pipeline as pipeline
 
     trained, probe = {}, torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 13, 14]])
 
@@ -41,8 +41,8 @@ def test_generation_run_directory_predictions_and_adapter_round_trip(tiny_causal
             trained["logits"] = model(input_ids=probe).logits
         return save_final(model, *args)
 
-    save_final = gp.save_final
-    monkeypatch.setattr(gp, "save_final", keep_logits)
+    save_final = pipeline.save_final
+    monkeypatch.setattr(pipeline, "save_final", keep_logits)
     result = train_generation(_config(tiny_causal_lm_dir, tmp_path), progress=False)
     run = result.run_dir
     for name in ("config.yaml", "metrics.json", "log_history.json", "loss_curve.png", "adapter",

@@ -32,15 +32,14 @@ from peft import TaskType
 from transformers import set_seed
 
 from balora import runs
-from balora.adapters import apply_method, save_final, save_initial_adapter, trainable_parameters
+from balora.adapters import apply_method, save_initial_adapter, trainable_parameters
 from balora.config import ConfigError, RunConfig
 from balora.evaluation.generation import SamplingConfig, generate_texts
 from balora.evaluation.math_answers import score_math
 from balora.generation_objective import GenerationObjective
 from balora.methods import parse_method
 from balora.models import load_causal_lm
-from balora.pipeline import RunResult, _tensorboard_callback, _training_arguments, resume_config
-from balora.plots import plot_loss_curve
+from balora.pipeline import RunResult, _training_arguments, resume_config, run_training, save_run_outputs
 from balora.sft import SFTCollator, encode_sft, load_sft_dataset, render_prompt
 from balora.teacher import SnapshotTeacher
 from balora.trainer import GenerationTrainer
@@ -168,18 +167,8 @@ def train_generation(
         data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
         objective=objective, teacher=teacher,
     )
-    if "tensorboard" in config.train.report_to:
-        trainer.add_callback(_tensorboard_callback(run_dir / "tensorboard"))
-    start = time.perf_counter()
-    checkpoint = runs.last_checkpoint(run_dir) if resume is not None else None
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - start
-
-    save_final(model, config.adapter.method, run_dir / "adapter", run_dir)
-    tokenizer.save_pretrained(str(run_dir / "adapter"))
-    history = list(trainer.state.log_history)
-    runs.write_json(run_dir / "log_history.json", history)
-    plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{config.data.task} · {spec.name}")
+    train_seconds = run_training(trainer, config, run_dir, resumed=resume is not None)
+    history = save_run_outputs(trainer, tokenizer, config, run_dir, title=f"{config.data.task} · {spec.name}")
 
     metrics: dict[str, Any] = {}
     eval_start = time.perf_counter()

@@ -89,6 +89,26 @@ def _tensorboard_callback(log_dir: Path):
     return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
+def run_training(trainer, config: RunConfig, run_dir: Path, *, resumed: bool) -> float:
+    """Train (from the run's last checkpoint when ``resumed``), logging to TensorBoard; returns seconds."""
+    if "tensorboard" in config.train.report_to:
+        trainer.add_callback(_tensorboard_callback(run_dir / "tensorboard"))
+    start = time.perf_counter()
+    checkpoint = runs.last_checkpoint(run_dir) if resumed else None
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return time.perf_counter() - start
+
+
+def save_run_outputs(trainer, tokenizer, config: RunConfig, run_dir: Path, *, title: str) -> list[dict]:
+    """The final adapter (PEFT format) + tokenizer, the log history and the loss curve; returns the history."""
+    save_final(trainer.model, config.adapter.method, run_dir / "adapter", run_dir)
+    tokenizer.save_pretrained(str(run_dir / "adapter"))
+    history = list(trainer.state.log_history)
+    runs.write_json(run_dir / "log_history.json", history)
+    plot_loss_curve(history, run_dir / "loss_curve.png", title=title)
+    return history
+
+
 def resume_config(resume: str | os.PathLike) -> tuple[Path, RunConfig]:
     """The run directory of an interrupted run and the config it was started with."""
     run_dir = Path(resume)
@@ -152,12 +172,7 @@ def train_classification(
         teacher=teacher,
         teacher_cache=bool(regularizers and config.regularizers.teacher_cache),
     )
-    if "tensorboard" in config.train.report_to:
-        trainer.add_callback(_tensorboard_callback(run_dir / "tensorboard"))
-    start = time.perf_counter()
-    checkpoint = runs.last_checkpoint(run_dir) if resume is not None else None
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - start
+    train_seconds = run_training(trainer, config, run_dir, resumed=resume is not None)
 
     metrics = evaluate(trainer, eval_set, task)
     metrics.update(
@@ -171,11 +186,7 @@ def train_classification(
         skipped_rows=dict(task.skipped),
         global_steps=trainer.state.global_step,
     )
-    save_final(model, config.adapter.method, run_dir / "adapter", run_dir)
-    tokenizer.save_pretrained(str(run_dir / "adapter"))
-    history = list(trainer.state.log_history)
-    runs.write_json(run_dir / "log_history.json", history)
-    plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{task.name} · {spec.name}")
+    history = save_run_outputs(trainer, tokenizer, config, run_dir, title=f"{task.name} · {spec.name}")
     runs.write_json(run_dir / runs.METRICS_FILE, metrics)
     return RunResult(
         run_dir=run_dir,
