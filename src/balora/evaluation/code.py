@@ -208,7 +208,7 @@ def _mbpp_from_hub(variant: str, split: str) -> list[dict]:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ConnectionError(
             f"could not load MBPP ({MBPP_HUB_ID}, {variant}, split {split}) from the hub: "
-            f"{type(exc).__name__}: {first} -- without internet, pass path=... to a local JSONL file "
+            f"{type(exc).__name__}: {first} -- without internet, use a local JSONL file (path=... in Python, --data on the command line) "
             "with the hub's columns (task_id, text or prompt, code, test_list)"
         ) from None
     return list(ds)

@@ -130,7 +130,7 @@ def _from_hub(hub_id: str, config: str, split: str) -> datasets.Dataset:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ConnectionError(
             f"could not load {hub_id} ({config}, split {split}) from the hub: {type(exc).__name__}: {first} "
-            "-- without internet, pass path=... to a local .jsonl/.json/.parquet copy"
+            "-- without internet, use a local .jsonl/.json/.parquet copy (path=... in Python, --data or data.eval_file on the command line)"
         ) from None
 
 
