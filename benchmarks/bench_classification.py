@@ -25,10 +25,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
+
+from rss import peak_rss_during
 
 MODES = ("pissa", "balora", "balora-cache")
 
@@ -132,33 +133,19 @@ def time_side_by_side(args) -> dict[str, list[float]]:
     return times, parts
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_child(mode: str, args) -> None:
     """Peak RSS of the whole process, and the peak during training above the RSS before it
     (sampled every millisecond by a thread: loading the model can set the process peak)."""
     trainer, batches = build(mode, args)
     step(trainer, batches[0])  # optimizer state and first-step allocations exist from here on
-    before = _rss_bytes()
-    peak, done = [before], threading.Event()
+    def train():
+        for i in range(args.steps):
+            step(trainer, batches[i % len(batches)])
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for i in range(args.steps):
-        step(trainer, batches[i % len(batches)])
-    done.set()
-    sampler.join()
+    before, peak = peak_rss_during(train)
     snapshot = trainer.teacher.nbytes if trainer.teacher is not None else 0
     print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      "training_peak_bytes": peak[0], "training_rise_bytes": peak[0] - before,
+                      "training_peak_bytes": peak, "training_rise_bytes": peak - before,
                       "teacher_snapshot_bytes": snapshot}))
 
 

@@ -32,11 +32,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
+
+from rss import peak_rss_during
 
 MODES = ("pissa", "balora", "authors")
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -178,30 +179,16 @@ def time_side_by_side(args):
     return times, parts
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_child(name: str, args) -> None:
     mode = Mode(name, args)
     data = batches(args, mode.model.config.vocab_size)
     mode.step(data[0])  # optimiser state exists from here on
-    before = _rss_bytes()
-    peak, done = [before], threading.Event()
+    def train():
+        for i in range(args.memory_steps):
+            mode.step(data[i % len(data)])
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for i in range(args.memory_steps):
-        mode.step(data[i % len(data)])
-    done.set()
-    sampler.join()
-    print(json.dumps({"training_peak_bytes": peak[0], "before_bytes": before}))
+    before, peak = peak_rss_during(train)
+    print(json.dumps({"training_peak_bytes": peak, "before_bytes": before}))
 
 
 def measure_memory(args, length: int) -> dict[str, dict]:
