@@ -42,8 +42,8 @@ def build(mode: str, args):
     from balora.adapters import apply_method
     from balora.config import AdapterConfig, RegularizerConfig
     from balora.models import load_sequence_classifier, load_tokenizer
-    from balora.objective import ClassificationRegularizers
-    from balora.tasks import encode, load_task
+    from balora.objectives.classification import ClassificationRegularizers
+    from balora.data import encode, load_task
     from balora.teacher import SnapshotTeacher
     from balora.trainer import BALoRATrainer
 

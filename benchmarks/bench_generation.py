@@ -67,7 +67,7 @@ class Mode:
 
         from balora.adapters import apply_method
         from balora.config import AdapterConfig, RegularizerConfig
-        from balora.generation_objective import GenerationObjective
+        from balora.objectives.generation import GenerationObjective
         from balora.models import load_causal_lm
         from balora.teacher import SnapshotTeacher
 
@@ -147,7 +147,7 @@ class PartTimer:
 
 
 def time_side_by_side(args):
-    import balora.generation_objective as go
+    import balora.objectives.generation as go
 
     modes = {name: Mode(name, args) for name in MODES}
     data = batches(args, modes["pissa"].model.config.vocab_size)

@@ -17,7 +17,7 @@ from balora.evaluation.cli import add_evaluate_parser, evaluate_options, format_
 from balora.evaluation.code import CodeExecutionNotAllowed, CodeProblem
 from balora.evaluation.judge import JudgeError
 from balora.evaluation.perplexity import sliding_window_perplexity
-from balora.sft.formats import render_messages, render_prompt
+from balora.data.sft.formats import render_messages, render_prompt
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs POSIX")
 

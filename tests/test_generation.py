@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from balora.evaluation.generation import SamplingConfig, generate_texts, truncate_at_stop
+from balora.evaluation.generate import SamplingConfig, generate_texts, truncate_at_stop
 
 # Prompt lengths differ a lot, and the input order is not the length order.
 PROMPTS = [

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from balora.adapters import apply_method
 from balora.config import AdapterConfig, RegularizerConfig
-from balora.generation_objective import GenerationObjective
+from balora.objectives.generation import GenerationObjective
 from balora.teacher import SnapshotTeacher
 
 V = 257
@@ -193,7 +193,7 @@ def test_exact_svd_is_refused_for_a_trainable_head_and_bad_settings():
 
 
 def test_teacher_runs_the_decoder_alone_with_identical_hidden_states():
-    from balora.generation_objective import final_hidden_states, teacher_hidden_states
+    from balora.objectives.generation import final_hidden_states, teacher_hidden_states
 
     model = apply_method(tiny_llama(), AdapterConfig(method="pissa", rank=4, target_modules=PROJ), TaskType.CAUSAL_LM).eval()
     inputs = batch()

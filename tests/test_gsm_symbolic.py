@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from balora.assets import AssetNotInstalled
-from balora.tasks.gsm_symbolic import (
+from balora.data.gsm_symbolic import (
     INSTALL_HINT,
     final_answer_from_solution,
     load_gsm_symbolic,
@@ -162,7 +162,7 @@ def test_ignored_broken_and_ungenerable_templates_are_skipped(tmp_path, caplog):
     (tmp_path / "0004.toml").write_text("question = 'unterminated\n", encoding="utf-8")
     (tmp_path / "0005.toml").write_text(_impossible(shark), encoding="utf-8")
     (tmp_path / "0006.toml").write_text(_crashing(shark), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="balora.tasks.gsm_symbolic"):
+    with caplog.at_level(logging.WARNING, logger="balora.data.gsm_symbolic"):
         split = load_gsm_symbolic(templates_dir=tmp_path, test_templates=1, train_variants=3,
                                   test_variants=2, max_attempts=2000)
     assert sorted(split.train_templates + split.test_templates) == [0, 1, 2]

@@ -1,4 +1,4 @@
-"""Tests for balora.losses against naive reference implementations (explicit loops / formulas)."""
+"""Tests for balora.regularizers.formulas against naive reference implementations (explicit loops / formulas)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from balora.losses import (
+from balora.regularizers.formulas import (
     consistency_loss,
     consistency_loss_sum,
     covariance_diversity_loss,

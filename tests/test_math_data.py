@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from balora.evaluation.math_answers import score_math
-from balora.evaluation.math_data import MATH_SUBJECTS, load_gsm8k, load_math, read_local_rows
+from balora.data.math import MATH_SUBJECTS, load_gsm8k, load_math, read_local_rows
 
 GSM_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},

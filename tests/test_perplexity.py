@@ -213,7 +213,7 @@ def test_errors(model, tokenizer, texts, kwargs, message):
 
 
 def test_grimm_tales_loader():
-    from balora.tasks.orange import orange_datasets_dir
+    from balora.data.orange import orange_datasets_dir
 
     try:
         orange_datasets_dir()

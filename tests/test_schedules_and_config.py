@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from balora.config import ConfigError, RegularizerConfig, RunConfig, load_config
-from balora.schedules import LambdaSchedule, parse_schedule
+from balora.objectives.lambdas import LambdaSchedule, parse_schedule
 
 
 def test_two_phase_is_off_then_ramps_then_constant():

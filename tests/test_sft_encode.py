@@ -6,7 +6,7 @@ import datasets
 import pytest
 import torch
 
-from balora.sft import (
+from balora.data.sft import (
     ChatTemplateError,
     SFTCollator,
     encode_messages,
@@ -173,7 +173,7 @@ def test_label_assignment_matches_a_naive_loop():
     """The binary-search labelling equals the obvious per-token loop on random layouts."""
     import random
 
-    from balora.sft.encode import _labels
+    from balora.data.sft.encode import _labels
 
     rng = random.Random(0)
     for _ in range(200):

@@ -5,7 +5,7 @@ import json
 import datasets
 import pytest
 
-from balora.sft import (
+from balora.data.sft import (
     ALPACA_PREAMBLE,
     SFT_DATASETS,
     ChatTemplateError,

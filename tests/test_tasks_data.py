@@ -5,8 +5,8 @@ import logging
 
 import pytest
 
-from balora.tasks import TaskData, encode, load_classification_files, load_table
-from balora.tasks.data import stratified_split, subsample
+from balora.data import TaskData, encode, load_classification_files, load_table
+from balora.data.classification import stratified_split, subsample
 
 
 def _write(path, text):

@@ -6,7 +6,7 @@ import logging
 import datasets
 import pytest
 
-from balora.tasks.glue import GLUE_HUB_ID, GLUE_TASKS, load_glue_task
+from balora.data.glue import GLUE_HUB_ID, GLUE_TASKS, load_glue_task
 
 
 def _write(path, text):

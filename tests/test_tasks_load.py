@@ -3,8 +3,8 @@
 import datasets
 import pytest
 
-import balora.tasks as tasks
-from balora.tasks import load_task
+import balora.data as tasks
+from balora.data import load_task
 
 
 def _write(path, text):

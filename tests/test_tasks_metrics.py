@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 
-from balora.tasks import classification_metrics, regression_metrics
-from balora.tasks.metrics import GLUE_METRICS
+from balora.data import classification_metrics, regression_metrics
+from balora.evaluation.classification import GLUE_METRICS
 
 
 def test_three_class_by_hand():

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from balora.tasks import orange
-from balora.tasks.orange import (
+from balora.data import orange
+from balora.data.orange import (
     ORANGE_TASKS,
     load_orange_task,
     load_orange_texts,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from balora.token_losses import (
+from balora.regularizers.tokens import (
     LinearHead,
     QRFactorCache,
     exact_head_svd_loss,

@@ -9,10 +9,10 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 
-from balora import losses
+from balora.regularizers import formulas as losses
 from balora.adapters import apply_method
 from balora.config import AdapterConfig, RegularizerConfig
-from balora.objective import ClassificationRegularizers
+from balora.objectives.classification import ClassificationRegularizers
 from balora.teacher import SnapshotTeacher
 from balora.trainer import BALoRATrainer
 

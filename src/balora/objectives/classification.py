@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from balora import losses
+from balora.regularizers import formulas as losses
 from balora.config import RegularizerConfig
 
 logger = logging.getLogger("balora")

@@ -8,7 +8,7 @@ The canonical form of one training example is a list of chat messages::
 :func:`detect_format` picks one from the column names). :func:`render_messages` turns messages
 into text with the tokenizer's chat template, or with the Alpaca template when the tokenizer has
 none, and :func:`render_prompt` is the text a model sees right before its answer. Training
-(:mod:`balora.sft.encode`) and evaluation both go through these functions, so their prompts
+(:mod:`balora.data.sft.encode`) and evaluation both go through these functions, so their prompts
 are identical by construction.
 """
 
@@ -183,7 +183,7 @@ def to_messages(record: Mapping, format: str = "auto") -> list[dict]:
     * ``sharegpt``: ``conversations`` = list of ``{"from": human|gpt|system, "value"}``.
 
     The single-turn formats put an optional non-empty ``system`` field first. ``None`` values
-    become ``""`` (an empty response is then dropped by :func:`balora.sft.encode_sft`).
+    become ``""`` (an empty response is then dropped by :func:`balora.data.sft.encode_sft`).
     Malformed records raise a one-line ``ValueError``.
     """
     name = detect_format(record.keys()) if check_format(format) == "auto" else format
@@ -242,7 +242,7 @@ def render_prompt(tokenizer, user_text: str, *, system: str | None = None) -> st
     With a chat template: ``[system?, user]`` rendered with ``add_generation_prompt=True``.
     Without: the Alpaca prompt ``"Below is an instruction ...\\n\\n### Instruction:\\n{user_text}
     \\n\\n### Response:\\n"`` (``system`` replaces the "Below is ..." sentence). Tokenize it the
-    way training did: see :func:`balora.sft.prompt_token_ids`.
+    way training did: see :func:`balora.data.sft.prompt_token_ids`.
     """
     messages = [{"role": "system", "content": system}] if system is not None else []
     messages.append({"role": "user", "content": user_text})

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import datasets
 
-from .math_answers import extract_boxed_answer, extract_gsm8k_answer
+from balora.evaluation.math_answers import extract_boxed_answer, extract_gsm8k_answer
 
 __all__ = [
     "GSM8K_HUB_ID",

@@ -3,10 +3,10 @@
 Columns are mapped to ``text`` / ``text_pair`` / ``label``; eval is the validation
 split (``validation_matched`` for mnli; GLUE's test labels are hidden). stsb is a
 regression task (float labels in [0, 5]). The headline metric is the first of
-:data:`~balora.tasks.metrics.GLUE_METRICS` (f1 for mrpc/qqp, pearson for stsb).
+:data:`~balora.evaluation.classification.GLUE_METRICS` (f1 for mrpc/qqp, pearson for stsb).
 
 Without internet, pass local files (CSV/TSV/JSON lines, see
-:func:`~balora.tasks.data.load_table`) that use the task's own column names, e.g.
+:func:`~balora.data.classification.load_table`) that use the task's own column names, e.g.
 ``sentence1,sentence2,label`` for mrpc. A label there may be the class id
 (``0``/``1``...) or the class name (``entailment``...).
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import datasets
 
-from .data import CLASSIFICATION, REGRESSION, RawSplit, TaskData, _read_table, build_task
-from .metrics import GLUE_METRICS
+from .classification import CLASSIFICATION, REGRESSION, RawSplit, TaskData, _read_table, build_task
+from balora.evaluation.classification import GLUE_METRICS
 
 __all__ = ["GLUE_HUB_ID", "GLUE_TASKS", "load_glue_task"]
 

@@ -6,14 +6,14 @@
     L = CE + λ1·L_CR + λ2·L_DR + λ3·L_SVD
 
 averaged over the M valid tokens -- the positions whose NEXT token is a response token
-(:func:`balora.token_losses.next_token_targets`): the same mask for the task loss and all three
+(:func:`balora.regularizers.tokens.next_token_targets`): the same mask for the task loss and all three
 regularisers.
 
 The model runs once for the student (through its wrapper, so DDP still synchronises gradients)
 and, when λ1 > 0, once more as the frozen teacher (:class:`~balora.teacher.SnapshotTeacher`).
 Neither forward applies the output head to every position: the model is asked for its final
 hidden states and for the logits of the last position only (``logits_to_keep=1``), and the
-head is applied to the M valid rows only, chunk by chunk (:func:`balora.token_losses.head_objective`).
+head is applied to the M valid rows only, chunk by chunk (:func:`balora.regularizers.tokens.head_objective`).
 The first batch checks that the model's logits really are ``head(last hidden state)``; an
 architecture that post-processes logits (e.g. soft-capping) is refused with a clear error.
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from balora.config import RegularizerConfig
 from balora.teacher import SnapshotTeacher
-from balora.token_losses import (
+from balora.regularizers.tokens import (
     IGNORE_INDEX,
     LinearHead,
     QRFactorCache,

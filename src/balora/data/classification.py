@@ -1,6 +1,6 @@
 """The common task container, table readers, row cleaning and tokenisation.
 
-Every loader in :mod:`balora.tasks` ends in :func:`build_task`, which turns raw
+Every loader in :mod:`balora.data` ends in :func:`build_task`, which turns raw
 columns (strings or numbers) into a :class:`TaskData`:
 
 * rows with an empty label, an empty text (or text pair), a label that is not a

@@ -6,7 +6,7 @@
 * any Hugging Face Hub dataset id ``owner/name`` (needs the internet on first use);
 * a local ``.jsonl`` / ``.json`` / ``.parquet`` file (or a local dataset folder).
 
-The result keeps the source's own columns; :func:`balora.sft.encode_sft` detects the format.
+The result keeps the source's own columns; :func:`balora.data.sft.encode_sft` detects the format.
 """
 
 from __future__ import annotations

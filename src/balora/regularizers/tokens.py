@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from balora import losses
+from balora.regularizers import formulas as losses
 
 IGNORE_INDEX = -100
 _SVD_EPS = 1e-8

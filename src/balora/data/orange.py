@@ -36,7 +36,7 @@ from pathlib import Path
 
 from balora.assets import AssetNotInstalled
 
-from .data import CLASSIFICATION, RawSplit, TaskData, build_task, stratified_split
+from .classification import CLASSIFICATION, RawSplit, TaskData, build_task, stratified_split
 
 __all__ = [
     "ORANGE_TASKS",

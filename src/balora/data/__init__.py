@@ -12,9 +12,9 @@ One entry point, :func:`load_task`, returns a :class:`TaskData` for
 
 from __future__ import annotations
 
-from .data import TaskData, encode, load_classification_files, load_table, subsample
+from .classification import TaskData, encode, load_classification_files, load_table, subsample
 from .glue import GLUE_TASKS, load_glue_task
-from .metrics import GLUE_METRICS, classification_metrics, regression_metrics
+from balora.evaluation.classification import GLUE_METRICS, classification_metrics, regression_metrics
 from .orange import ORANGE_TASKS, ORANGE_TEXTS, load_orange_task, load_orange_texts
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Objectives: ``objective(model, inputs, *, step, total_steps) -> (loss, logs)``."""
