@@ -18,7 +18,7 @@ from balora.regularizers.formulas import (
     topk_entropy_sum,
 )
 
-KINDS = ("kl", "mse", "cosine")
+KINDS = ("kl", "cosine", "mse", "mse_normalized")
 LENGTHS = (5, 2, 4)  # ragged valid lengths for (B, L) = (3, 5)
 
 
@@ -79,13 +79,14 @@ def ref_consistency(s, t, mask=None, kind="kl", temperature=2.0):
             q = torch.softmax(sr / temperature, dim=0)
             total = total + temperature**2 * sum(p[j] * torch.log(p[j] / q[j]) for j in range(len(p)))
         elif kind == "mse":
+            total = total + sum((sr[j] - tr[j]) ** 2 for j in range(len(sr))) / len(sr)
+        elif kind == "mse_normalized":
             a, b = sr / torch.sqrt((sr * sr).sum()), tr / torch.sqrt((tr * tr).sum())
-            total = total + sum((a[j] - b[j]) ** 2 for j in range(len(a)))
+            total = total + sum((a[j] - b[j]) ** 2 for j in range(len(a))) / len(a)
         else:
             cos = (sr * tr).sum() / torch.sqrt((sr * sr).sum() * (tr * tr).sum())
             total = total + 1 - cos
-    count = len(s_rows) * (s.shape[-1] if kind == "mse" else 1)
-    return total / max(count, 1)
+    return total / max(len(s_rows), 1)
 
 
 def ref_covariance(z):
@@ -171,10 +172,30 @@ def test_consistency_bf16_computed_in_fp32(kind):
     torch.testing.assert_close(g.double(), g_ref, rtol=5e-2, atol=3e-3)
 
 
-def test_mse_kind_equals_f_mse_loss_on_normalised_rows():
-    s, t, mask = case("3d_mask", torch.float32)
-    expected = F.mse_loss(F.normalize(s[mask], dim=-1), F.normalize(t[mask], dim=-1))
-    torch.testing.assert_close(consistency_loss(s, t, mask=mask, kind="mse"), expected)
+def test_mse_normalized_is_cosine_scaled_by_two_over_d():
+    # the ablation plan's "MSE" (of L2-normalised logits) is the cosine loss with lambda1 rescaled
+    s, t, mask = case("3d_mask")
+    d = s.shape[-1]
+    normalized, g_normalized = grad_of(lambda x: consistency_loss(x, t, mask=mask, kind="mse_normalized"), s)
+    cosine, g_cosine = grad_of(lambda x: consistency_loss(x, t, mask=mask, kind="cosine"), s)
+    torch.testing.assert_close(normalized, 2.0 / d * cosine, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_normalized, 2.0 / d * g_cosine, rtol=1e-12, atol=1e-12)
+
+
+def test_the_four_consistency_kinds_are_distinct_losses():
+    # a binary task (D = 2) is where mse_normalized and cosine used to coincide with "mse"
+    s, t = make_logits((6, 2), seed=4), make_logits((6, 2), seed=5)
+    values = {kind: float(consistency_loss(s, t, kind=kind)) for kind in KINDS}
+    ratios = {kind: values[kind] / values["cosine"] for kind in KINDS}
+    assert ratios["mse_normalized"] == pytest.approx(1.0)  # 2/D = 1 for D = 2
+    assert len({round(ratios[k], 6) for k in ("kl", "cosine", "mse")}) == 3
+    # only kl depends on the temperature; mse is on the raw logits
+    for kind in ("cosine", "mse", "mse_normalized"):
+        assert float(consistency_loss(s, t, kind=kind, temperature=5.0)) == pytest.approx(values[kind])
+    assert float(consistency_loss(s, t, kind="kl", temperature=5.0)) != pytest.approx(values["kl"])
+    # mse is invariant to neither scale: doubling both logits quadruples it, unlike cosine
+    assert float(consistency_loss(2 * s, 2 * t, kind="mse")) == pytest.approx(4 * values["mse"])
+    assert float(consistency_loss(2 * s, 2 * t, kind="cosine")) == pytest.approx(values["cosine"])
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -200,12 +221,12 @@ def test_kl_temperature_scaling_matches_definition():
     torch.testing.assert_close(consistency_loss(s, t, temperature=temp), expected)
 
 
-def test_consistency_teacher_not_detached():
+@pytest.mark.parametrize("kind", KINDS)
+def test_consistency_gradient_reaches_valid_rows_only(kind):
     s, t, mask = case("3d_mask")
-    t = t.clone().requires_grad_(True)
-    consistency_loss(s, t, mask=mask).backward()
-    assert t.grad is not None and t.grad.abs().sum() > 0
-    assert t.grad[~mask].abs().sum() == 0
+    _, g = grad_of(lambda x: consistency_loss(x, t, mask=mask, kind=kind), s)
+    assert g[~mask].abs().sum() == 0
+    assert (g[mask].abs().sum(-1) > 0).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -214,7 +235,7 @@ def test_consistency_sum_count_units(kind):
     total, count = consistency_loss_sum(s, t, mask=mask, kind=kind)
     n_valid = sum(LENGTHS)
     assert isinstance(count, int)
-    assert count == (n_valid * 11 if kind == "mse" else n_valid)
+    assert count == n_valid  # every kind is a per-row term: the count is in rows (tokens)
     torch.testing.assert_close(total / count, consistency_loss(s, t, mask=mask, kind=kind))
 
 
@@ -485,11 +506,11 @@ NAN, INF = X2.clone(), X2.clone()
 NAN[1, 1], INF[0, 2] = float("nan"), float("inf")
 
 BAD_CALLS = [
-    ("k0", lambda: svd_loss(X2, k=0), "k must be an int >= 1"),
-    ("k_neg", lambda: svd_loss(X2, k=-2), "k must be an int >= 1"),
-    ("k_float", lambda: svd_loss(X2, k=1.5), "k must be an int >= 1"),
-    ("top_k0", lambda: topk_entropy_diversity_loss(X2, top_k=0), "top_k must be an int >= 1"),
-    ("top_k_sum", lambda: topk_entropy_sum(X2, top_k=-1), "top_k must be an int >= 1"),
+    ("k0", lambda: svd_loss(X2, k=0), "k must be an integer >= 1"),
+    ("k_neg", lambda: svd_loss(X2, k=-2), "k must be an integer >= 1"),
+    ("k_float", lambda: svd_loss(X2, k=1.5), "k must be an integer >= 1"),
+    ("top_k0", lambda: topk_entropy_diversity_loss(X2, top_k=0), "top_k must be an integer >= 1"),
+    ("top_k_sum", lambda: topk_entropy_sum(X2, top_k=-1), "top_k must be an integer >= 1"),
     ("temp0", lambda: consistency_loss(X2, X2, temperature=0.0), "temperature must be"),
     ("temp_neg", lambda: consistency_loss(X2, X2, temperature=-1.0, kind="mse"), "temperature must be"),
     ("temp_nan", lambda: consistency_loss(X2, X2, temperature=float("nan")), "temperature must be"),

@@ -60,14 +60,61 @@ def test_teacher_is_the_original_model_before_and_after_training(tiny_model_dir,
     before = teacher.logits(model, batch)
     torch.testing.assert_close(before, _reference_logits(original, model, batch), atol=1e-5, rtol=0)
     _train_steps(model)
+    assert model.training
     after = teacher.logits(model, batch)
+    assert model.training  # the teacher forward ran in eval mode and put train mode back
     torch.testing.assert_close(after, _reference_logits(original, model, batch), atol=1e-5, rtol=0)
     # the student really moved away from the teacher, and the swap left it untouched
     model.eval()
     with torch.no_grad():
         student = model(**batch).logits
     assert (student - after).abs().max() > 1e-3
-    assert model.training is False  # restored to the mode it was in
+    teacher.logits(model, batch)
+    assert not any(m.training for m in model.modules())  # eval stays eval
+
+
+def test_teacher_restores_each_submodules_own_mode(tiny_model_dir):
+    model = apply_method(_load(tiny_model_dir), AdapterConfig(method="pissa", rank=4, target_modules=TARGETS))
+    model.train()
+    frozen_layer = [m for n, m in model.named_modules() if n.endswith("encoder.layer.0")][0]
+    frozen_layer.eval()  # e.g. a user who keeps one block in eval mode
+    modes = {name: m.training for name, m in model.named_modules()}
+    SnapshotTeacher(model).logits(model, _batch())
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not frozen_layer.training and model.training
+
+
+def test_shared_modules_are_derived_from_the_model(tiny_model_dir):
+    peft_model = apply_method(_load(tiny_model_dir), AdapterConfig(method="pissa", rank=4, target_modules=TARGETS))
+    assert SnapshotTeacher(peft_model).shared_modules == ("classifier", "score")  # PEFT's modules_to_save
+    full = apply_method(_load(tiny_model_dir), AdapterConfig(method="full"))
+    teacher = SnapshotTeacher(full)
+    assert teacher.shared_modules == ("classifier",)
+    assert not any(name.startswith("classifier") for name in teacher.snapshot)
+
+
+@pytest.mark.parametrize("method", ["pissa_niter_2", "pissa"])
+def test_restore_initial_adapter_rebuilds_base_and_teacher_from_the_saved_adapter(tiny_model_dir, tmp_path, method):
+    from balora.adapters import restore_initial_adapter
+
+    original = _load(tiny_model_dir)
+    torch.manual_seed(0)
+    first = apply_method(copy.deepcopy(original), AdapterConfig(method=method, rank=4, target_modules=TARGETS))
+    save_initial_adapter(first, method, tmp_path)
+    torch.manual_seed(123)  # another random state: pissa_niter_2 draws another randomized SVD
+    again = apply_method(copy.deepcopy(original), AdapterConfig(method=method, rank=4, target_modules=TARGETS))
+    first_state = {n: p.detach().clone() for n, p in first.named_parameters() if "classifier" not in n}
+    differs = any(not torch.equal(first_state[n], p) for n, p in again.named_parameters() if n in first_state)
+    assert differs == (method == "pissa_niter_2")
+    assert restore_initial_adapter(again, tmp_path)
+    for name, p in again.named_parameters():
+        if name in first_state:
+            torch.testing.assert_close(p, first_state[name], atol=2e-6, rtol=0, msg=name)
+    batch = _batch(7)
+    torch.testing.assert_close(SnapshotTeacher(again).logits(again, batch), _reference_logits(original, again, batch),
+                               atol=1e-5, rtol=0)
+    assert not restore_initial_adapter(apply_method(_load(tiny_model_dir), AdapterConfig(method="lora", rank=4,
+                                                    target_modules=TARGETS)), tmp_path / "none")
 
 
 def test_disable_adapter_is_not_the_teacher_for_pissa(tiny_model_dir):

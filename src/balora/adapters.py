@@ -104,3 +104,40 @@ def _restore_modules_to_save(model: PeftModel, out_dir: Path) -> None:
     if missing:
         converted.update(missing)
         save_file(converted, str(path), metadata={"format": "pt"})
+
+
+def restore_initial_adapter(model: torch.nn.Module, run_dir: str | os.PathLike) -> bool:
+    """Make a re-initialised model the run's ORIGINAL initial state again (for resume).
+
+    A PiSSA-style init rewrites the base weights as W_res = W − ΔW0 with ΔW0 = s·B0·A0 from an
+    SVD, which for ``pissa_niter_N`` depends on the random state: a model rebuilt on resume may
+    hold another (W_res', A0', B0'). With the run's saved ``initial_adapter/``, every adapted
+    layer gets W_res = W_res' + ΔW0' − ΔW0 and the saved A0, B0, so both the base and the teacher
+    snapshot built afterwards are exactly the run's. Returns False (nothing to do) when the
+    method keeps the base weights or the run has no initial adapter.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    path = Path(run_dir) / INITIAL_ADAPTER_DIR / "adapter_model.safetensors"
+    if not (isinstance(model, PeftModel) and path.is_file()):
+        return False
+    saved = load_file(str(path))
+    adapter = model.active_adapter
+    restored = 0
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
+                continue
+            keys = (f"{name}.lora_A.weight", f"{name}.lora_B.weight")
+            if not all(key in saved for key in keys):
+                raise ValueError(f"{path} does not hold the initial adapter of layer {name}: not this run's model")
+            current_delta = layer.get_delta_weight(adapter)
+            layer.lora_A[adapter].weight.copy_(saved[keys[0]])
+            layer.lora_B[adapter].weight.copy_(saved[keys[1]])
+            base = layer.get_base_layer().weight
+            base += (current_delta - layer.get_delta_weight(adapter)).to(base.dtype)
+            restored += 1
+    if not restored:
+        raise ValueError(f"{path}: the model has no LoRA layer to restore")
+    logger.info("restored the initial adapter of %d layers from %s", restored, path.parent)
+    return True

@@ -9,9 +9,18 @@ original model exactly, for LoRA (B0 = 0), PiSSA, OLoRA and DoRA (initial magnit
 not the model's) and, for a teacher forward, points each parameter at its snapshot, runs the
 model in eval mode under ``torch.no_grad()``, and points it back. No tensor is copied per step.
 
-Modules listed in ``shared_modules`` (the classification head by default) are NOT swapped:
-teacher and student share the CURRENT head (paper B.3). For ``full`` fine-tuning every weight
-is trainable, so the snapshot is a full copy: unavoidable, and reported by :attr:`nbytes`.
+Modules listed in ``shared_modules`` are NOT swapped: teacher and student share the CURRENT
+head (paper B.3). By default they are derived from the model (:func:`shared_head_modules`): a
+PEFT model's ``modules_to_save`` (the classification head of a sequence classifier; nothing for
+a causal LM), or the ``classifier``/``score`` head of a plain sequence classifier. For ``full``
+fine-tuning every weight is trainable, so the snapshot is a full copy: unavoidable, and
+reported by :attr:`nbytes`.
+
+Mixed precision: under autocast, casts of weights are cached per parameter object for the
+whole autocast region, and the swap keeps the parameter object (it assigns ``param.data``), so
+a teacher forward inside the student's region would reuse the STUDENT's cached casts. The swap
+clears the autocast cache on the way in and on the way out, so the teacher runs in the
+student's precision on its own weights.
 
 :class:`TeacherFeatureCache` (classification) stores, per training example, the input of the
 head in the teacher forward (the pooled features). The teacher is frozen and runs without
@@ -27,7 +36,30 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-DEFAULT_SHARED_MODULES = ("classifier", "score")
+CLASSIFICATION_HEADS = ("classifier", "score")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP/FSDP-style ``.module`` wrappers (PEFT wrappers are kept)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def shared_head_modules(model: nn.Module) -> tuple[str, ...]:
+    """The module names teacher and student share, derived from the model.
+
+    A PEFT model: the union of its adapters' ``modules_to_save`` (PEFT puts the classification
+    head there for sequence classification; a causal LM has none). A plain model: its
+    ``classifier``/``score`` attribute if it has one (a sequence classifier under full
+    fine-tuning), else nothing.
+    """
+    model = unwrap_model(model)
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, Mapping):
+        names = {name for config in configs.values() for name in (getattr(config, "modules_to_save", None) or ())}
+        return tuple(sorted(names))
+    return tuple(name for name in CLASSIFICATION_HEADS if isinstance(getattr(model, name, None), nn.Module))
 
 
 def _is_shared(name: str, shared_modules: tuple[str, ...]) -> bool:
@@ -40,8 +72,9 @@ class SnapshotTeacher:
     Build it right after the adapter is initialised and before any optimiser step.
     """
 
-    def __init__(self, model: nn.Module, shared_modules: tuple[str, ...] = DEFAULT_SHARED_MODULES):
-        self.shared_modules = tuple(shared_modules)
+    def __init__(self, model: nn.Module, shared_modules: tuple[str, ...] | None = None):
+        model = unwrap_model(model)
+        self.shared_modules = shared_head_modules(model) if shared_modules is None else tuple(shared_modules)
         self.snapshot: dict[str, torch.Tensor] = {
             name: param.detach().clone()
             for name, param in model.named_parameters()
@@ -57,22 +90,30 @@ class SnapshotTeacher:
 
     @contextlib.contextmanager
     def active(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Inside this context ``model`` IS the frozen teacher (eval mode, no grad)."""
+        """Inside this context ``model`` IS the frozen teacher (eval mode, no grad).
+
+        ``model`` may be wrapped (DDP); the swap runs on the module inside. On exit every
+        parameter and every submodule's own train/eval mode is as it was.
+        """
+        model = unwrap_model(model)
         params = dict(model.named_parameters())
         current: dict[str, torch.Tensor] = {}
-        was_training = model.training
+        modes = [(module, module.training) for module in model.modules()]
         try:
             for name, initial in self.snapshot.items():
                 param = params[name]
                 current[name] = param.data
                 param.data = initial
+            torch.clear_autocast_cache()  # casts cached for the student's weights must not serve the teacher
             model.eval()
             with torch.no_grad():
                 yield model
         finally:
             for name, data in current.items():
                 params[name].data = data
-            model.train(was_training)
+            torch.clear_autocast_cache()  # nor the teacher's casts the student
+            for module, training in modes:
+                module.training = training
 
     def logits(self, model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Teacher logits for a batch; ``inputs`` are the model's inputs (labels are dropped)."""
@@ -81,7 +122,7 @@ class SnapshotTeacher:
             return model(**batch).logits.detach()
 
 
-def find_head(model: nn.Module, shared_modules: tuple[str, ...] = DEFAULT_SHARED_MODULES) -> nn.Module:
+def find_head(model: nn.Module, shared_modules: tuple[str, ...] = CLASSIFICATION_HEADS) -> nn.Module:
     """The outermost module whose name ends with one of ``shared_modules``."""
     for name, module in model.named_modules():
         if name.split(".")[-1] in shared_modules:

@@ -30,10 +30,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from balora.config import RegularizerConfig
-from balora.teacher import SnapshotTeacher
+from balora.objectives.lambdas import LambdaWeights
+from balora.regularizers.common import IGNORE_INDEX
 from balora.regularizers.tokens import (
-    IGNORE_INDEX,
     LinearHead,
     QRFactorCache,
     exact_head_svd_loss,
@@ -41,16 +40,13 @@ from balora.regularizers.tokens import (
     next_token_targets,
     randomized_svd_loss,
 )
+from balora.teacher import SnapshotTeacher, unwrap_model
 
 logger = logging.getLogger("balora")
 
-SVD_METHODS = ("auto", "exact", "randomized")
-
-
 def base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside PEFT / DDP wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, FSDP
-        model = model.module
+    model = unwrap_model(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -94,54 +90,37 @@ class GenerationObjective:
     """Task cross-entropy plus BA-LoRA's generation regularisers, over the valid tokens.
 
     Args:
-        regularizers: the regulariser settings (``None`` -> plain cross-entropy: ``lora``,
-            ``pissa``...). ``None`` fields take the paper's generation defaults.
+        regularizers: a ``RegularizerConfig`` (``None`` fields take the paper's generation
+            defaults), or None for plain cross-entropy (``lora``, ``pissa``...). Its
+            ``svd_solver`` is ``auto`` (exact via QR of a frozen head, randomized otherwise),
+            ``exact`` (error if the head is not a frozen linear map) or ``randomized``, with
+            ``svd_oversample`` extra columns and ``svd_niter`` power iterations.
+        teacher: the frozen pre-trained model (needed when λ1 > 0); may be set later through the
+            attribute (``BALoRATrainer(teacher=...)`` does).
         chunk_size: valid tokens per chunk of the head computation (memory ~ chunk × |V|).
-        svd: ``auto`` (exact via QR of a frozen head, randomized otherwise), ``exact`` (error if
-            the head is not a frozen linear map) or ``randomized``.
-        svd_oversample, svd_niter: the randomized SVD's extra columns and power iterations.
     """
 
-    def __init__(
-        self,
-        regularizers: RegularizerConfig | None = None,
-        *,
-        chunk_size: int = 512,
-        svd: str = "auto",
-        svd_oversample: int = 10,
-        svd_niter: int = 2,
-    ):
-        if svd not in SVD_METHODS:
-            raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    def __init__(self, regularizers=None, *, teacher: SnapshotTeacher | None = None, chunk_size: int = 512):
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
         self.config = None if regularizers is None else regularizers.resolved("generation")
-        if self.config is not None:
-            self.consistency_schedule, self.focus_schedule = self.config.schedules()
-            if self.config.consistency_kind != "kl":
-                raise ValueError("generation supports consistency_kind='kl' only (eq. 9)")
-            if self.config.diversity_kind != "entropy" or self.config.svd_normalize != "frobenius":
-                raise ValueError("generation uses diversity_kind='entropy' (eq. 10-11) and svd_normalize='frobenius' (eq. 12)")
+        self.weights = LambdaWeights() if self.config is None else LambdaWeights.from_config(self.config)
+        if self.config is not None and (self.config.diversity_kind != "entropy" or self.config.svd_normalize != "frobenius"):
+            raise ValueError("generation uses diversity_kind='entropy' (eq. 10-11) and svd_normalize='frobenius' (eq. 12)")
+        self.teacher = teacher
         self.chunk_size = chunk_size
-        self.svd = svd
-        self.svd_oversample = svd_oversample
-        self.svd_niter = svd_niter
         self._r_cache = QRFactorCache()
         self._checked_head = False
         self._said_fallback = False
 
     @property
     def needs_teacher(self) -> bool:
-        return self.config is not None and bool(self.config.lambda_consistency)
+        return self.weights.consistency > 0
 
-    def lambdas(self, step: int, total_steps: int) -> tuple[float, float, float]:
-        """(λ1, λ2, λ3) at optimiser step ``step`` of ``total_steps`` (all 0 without regularisers)."""
-        if self.config is None:
-            return 0.0, 0.0, 0.0
-        c = self.config
-        focus = self.focus_schedule.factor(step, total_steps)
-        return (c.lambda_consistency * self.consistency_schedule.factor(step, total_steps),
-                c.lambda_diversity * focus, c.lambda_svd * focus)
+    @property
+    def batch_level_terms(self) -> tuple[str, ...]:
+        """Terms computed on the whole (micro-)batch rather than per token."""
+        return ("svd",) if self.weights.svd else ()
 
     # ------------------------------------------------------------------ pieces
 
@@ -171,7 +150,7 @@ class GenerationObjective:
             logger.warning(
                 "SVD regulariser: %s, so the exact QR shortcut does not apply; using a randomized SVD "
                 "(torch.svd_lowrank, oversample=%d, niter=%d) of the valid-token logits",
-                why, self.svd_oversample, self.svd_niter,
+                why, self.config.svd_oversample, self.config.svd_niter,
             )
             self._said_fallback = True
 
@@ -184,21 +163,18 @@ class GenerationObjective:
         *,
         step: int = 0,
         total_steps: int = 1,
-        teacher: SnapshotTeacher | None = None,
-        teacher_model: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss (0-dim) and the values to log for one batch.
 
         Args:
-            model: the (possibly wrapped) model being trained; the student forward runs on it.
+            model: the (possibly wrapped) model being trained; the student forward runs on it,
+                the teacher swap on the module inside the wrapper.
             inputs: ``input_ids`` (B, T), ``attention_mask`` (B, T), ``labels`` (B, T) unshifted.
             step, total_steps: position in training, for the λ schedules.
-            teacher: swaps the pre-trained weights in for the consistency term.
-            teacher_model: the unwrapped model the teacher swaps into (default: ``base`` of model).
         """
         if "labels" not in inputs:
             raise ValueError("generation batches need 'labels' (-100 on prompt and padding tokens)")
-        lam_cr, lam_dr, lam_svd = self.lambdas(step, total_steps)
+        lam = self.weights.at(step, total_steps)
         targets = next_token_targets(inputs["labels"])
         if inputs.get("attention_mask") is not None:
             targets = targets.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
@@ -212,47 +188,46 @@ class GenerationObjective:
         tgt = targets[valid]  # (M,)
 
         teacher_hidden = teacher_logits = None
-        if lam_cr > 0:
-            if teacher is None:
+        if lam.consistency > 0:
+            if self.teacher is None:
                 raise ValueError("the consistency regulariser needs a teacher (SnapshotTeacher)")
-            target_model = teacher_model if teacher_model is not None else model
-            with teacher.active(target_model):
-                t_hidden = teacher_hidden_states(target_model, inputs)[valid]
+            with self.teacher.active(model) as pretrained:
+                t_hidden = teacher_hidden_states(pretrained, inputs)[valid]
                 if linear is not None and linear.frozen:
                     teacher_hidden = t_hidden
                 else:  # the teacher's own head (trainable/adapted heads): M × V, fallback only
                     teacher_logits = head_module(t_hidden).float()
 
+        c = self.config
         scale = 1.0 / max(m, 1)
         fused = linear if (linear is not None and linear.frozen) else head_module
         loss, sums = head_objective(
             h, tgt, fused, teacher_hidden=teacher_hidden, teacher_logits=teacher_logits,
-            weights=(scale, lam_cr * scale, lam_dr * scale),
-            temperature=self.config.temperature if self.config else 2.0,
-            top_k=self.config.top_k if self.config else 20,
-            chunk_size=self.chunk_size,
+            weights=(scale, lam.consistency * scale, lam.diversity * scale),
+            temperature=c.temperature if c else 2.0, top_k=c.top_k if c else 20,
+            consistency_kind=c.consistency_kind if c else "kl", chunk_size=self.chunk_size,
         )
         logs = {"task_loss": sums.cross_entropy * scale, "valid_tokens": float(m)}
-        if self.config is not None:
-            logs.update(lambda_consistency=lam_cr, lambda_diversity=lam_dr, lambda_svd=lam_svd)
-            if lam_cr > 0:
+        if c is not None:
+            logs.update(lam.logs())
+            if lam.consistency > 0:
                 logs["reg_consistency"] = sums.consistency * scale
-            if lam_dr > 0:
+            if lam.diversity > 0:
                 logs["reg_diversity"] = sums.neg_entropy * scale
-        if lam_svd > 0:
+        if lam.svd > 0:
             svd_term = self._svd_term(h, head_module, linear)
-            loss = loss + lam_svd * svd_term.to(loss.dtype)
+            loss = loss + lam.svd * svd_term.to(loss.dtype)
             logs["reg_svd"] = float(svd_term.detach())
         return loss, logs
 
     def _svd_term(self, h: torch.Tensor, head_module: nn.Module, linear: LinearHead | None) -> torch.Tensor:
-        k = self.config.svd_k
+        c = self.config
         exact_ok = linear is not None and linear.frozen
-        if self.svd == "exact" and not exact_ok:
-            raise ValueError("regularizers svd='exact' needs a frozen, un-adapted linear output head")
-        if exact_ok and self.svd != "randomized":
-            return exact_head_svd_loss(h, linear, k=k, r_cache=self._r_cache)
-        if self.svd == "auto":
+        if c.svd_solver == "exact" and not exact_ok:
+            raise ValueError("regularizers svd_solver='exact' needs a frozen, un-adapted linear output head")
+        if exact_ok and c.svd_solver != "randomized":
+            return exact_head_svd_loss(h, linear, k=c.svd_k, r_cache=self._r_cache)
+        if c.svd_solver == "auto":
             self._say_fallback_once("the output head is trained or adapted")
         z = head_module(h).float() if h.shape[0] else h.new_zeros(0, 1)
-        return randomized_svd_loss(z, k=k, oversample=self.svd_oversample, niter=self.svd_niter)
+        return randomized_svd_loss(z, k=c.svd_k, oversample=c.svd_oversample, niter=c.svd_niter)

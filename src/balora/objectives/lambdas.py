@@ -73,3 +73,42 @@ def parse_schedule(spec: str | dict | LambdaSchedule | None) -> LambdaSchedule:
             raise ValueError(f"unknown schedule field(s) {sorted(unknown)}")
         return LambdaSchedule(**spec)
     raise ValueError(f"a schedule is a name or a mapping, got {type(spec).__name__}")
+
+
+@dataclass(frozen=True)
+class Lambdas:
+    """(λ1, λ2, λ3) at one step: the weights of consistency, diversity and SVD (eq. 8)."""
+
+    consistency: float
+    diversity: float
+    svd: float
+
+    def logs(self) -> dict[str, float]:
+        return {"lambda_consistency": self.consistency, "lambda_diversity": self.diversity,
+                "lambda_svd": self.svd}
+
+
+@dataclass(frozen=True)
+class LambdaWeights:
+    """The base weights and their schedules, shared by every objective.
+
+    λ1 follows ``consistency_schedule``; λ2 and λ3 share ``focus_schedule`` (paper B.4).
+    """
+
+    consistency: float = 0.0
+    diversity: float = 0.0
+    svd: float = 0.0
+    consistency_schedule: LambdaSchedule = LambdaSchedule()
+    focus_schedule: LambdaSchedule = LambdaSchedule()
+
+    @classmethod
+    def from_config(cls, config) -> "LambdaWeights":
+        """From a RegularizerConfig whose ``None`` fields are already resolved (``config.resolved(family)``)."""
+        return cls(config.lambda_consistency, config.lambda_diversity, config.lambda_svd,
+                   parse_schedule(config.consistency_schedule), parse_schedule(config.focus_schedule))
+
+    def at(self, step: int, total_steps: int) -> Lambdas:
+        """The weights at optimiser step ``step`` of ``total_steps``."""
+        focus = self.focus_schedule.factor(step, total_steps)
+        return Lambdas(self.consistency * self.consistency_schedule.factor(step, total_steps),
+                       self.diversity * focus, self.svd * focus)

@@ -7,7 +7,8 @@ compute dtype rule, and the one-line ``ValueError`` checks for user-facing argum
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,21 @@ EPS = 1e-8
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32: every regulariser sums in at least fp32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
+    """Autocast off inside (CPU and CUDA): the regularisers compute in fp32 in any precision.
+
+    Under a bf16 autocast region a matmul would run in bf16 and a log-softmax in fp32, which
+    breaks identities such as "the consistency term is 0 when student == teacher". Usable as a
+    decorator: ``@no_autocast()``.
+    """
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:

@@ -31,28 +31,30 @@ import math
 import torch
 import torch.nn.functional as F
 
+from balora.regularizers.common import (
+    CONSISTENCY_KINDS,
+    EPS,
+    SVD_NORMALIZATIONS,
+    check_choice,
+    check_int,
+    compute_dtype,
+    no_autocast,
+)
+
 __all__ = [
-    "CONSISTENCY_KINDS",
-    "SVD_NORMALIZATIONS",
     "consistency_loss",
     "consistency_loss_sum",
+    "consistency_rows_sum",
     "covariance_diversity_loss",
+    "neg_topk_entropy_rows_sum",
     "svd_loss",
+    "top_singular_value_ratio",
     "topk_entropy_diversity_loss",
     "topk_entropy_sum",
 ]
 
-CONSISTENCY_KINDS = ("kl", "mse", "cosine")
-SVD_NORMALIZATIONS = ("nuclear", "frobenius")
-_SVD_EPS = 1e-8  # denominators at or below this (e.g. an all-zero matrix) give loss 0, grad 0
-
 
 # --------------------------------------------------------------------------- validation
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_logits(logits, name: str, dims: tuple[int, ...] = (2, 3)) -> None:
@@ -80,18 +82,6 @@ def _check_mask(mask, logits: torch.Tensor) -> None:
         raise ValueError(f"mask must have shape {want} to match logits, got {tuple(mask.shape)}")
 
 
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
 def _valid_rows(logits: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """(N, D) or (B, L, V) logits -> (M, D) float rows at the valid positions."""
     rows = logits if mask is None else logits[mask.to(logits.device)]
@@ -101,6 +91,37 @@ def _valid_rows(logits: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dt
 # --------------------------------------------------------------------------- consistency
 
 
+def consistency_rows_sum(s: torch.Tensor, t: torch.Tensor, *, temperature: float, kind: str) -> torch.Tensor:
+    """The plain formula: Σ over rows of the per-row consistency term (no checks, no mask).
+
+    Args:
+        s: (N, D) student logits Z_F, in the compute dtype.
+        t: (N, D) teacher logits Z_P, same shape and dtype.
+        temperature: T of eq. 4 / 9 (``kl`` only).
+        kind: one of :data:`CONSISTENCY_KINDS`, per row:
+            ``kl``             T²·KL(softmax(Z_P/T) ‖ softmax(Z_F/T)) (eq. 4 / 9, the paper);
+            ``cosine``         1 − cos(Z_F, Z_P);
+            ``mse``            mean over classes of (Z_F − Z_P)², on the raw logits (no temperature:
+                               dividing both by T and multiplying by T², as ``kl`` does, gives the
+                               same value);
+            ``mse_normalized`` mean over classes of (Z_F/‖Z_F‖ − Z_P/‖Z_P‖)², which equals
+                               (2/D)·(1 − cos): ``cosine`` scaled by 2/D.
+
+    Returns:
+        0-dim sum over the N rows (differentiable in ``s`` and ``t``).
+    """
+    if kind == "kl":
+        log_q = F.log_softmax(s / temperature, dim=-1)  # student F (model)
+        log_p = F.log_softmax(t / temperature, dim=-1)  # teacher P (target)
+        return F.kl_div(log_q, log_p, reduction="sum", log_target=True) * temperature**2
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=-1)).sum()
+    if kind == "mse":
+        return (s - t).pow(2).mean(dim=-1).sum()
+    return (F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).mean(dim=-1).sum()
+
+
+@no_autocast()
 def consistency_loss_sum(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -117,15 +138,13 @@ def consistency_loss_sum(
             here: compute them under ``torch.no_grad()``.
         temperature: T > 0, used by ``kind="kl"`` only.
         mask: optional (B, L) / (N,) bool, True = valid.
-        kind: ``"kl"`` -- per row T^2 * KL(softmax(Z_P/T) || softmax(Z_F/T)), count = rows;
-            ``"mse"`` -- per element squared difference of L2-normalised rows, count = elements;
-            ``"cosine"`` -- per row 1 - cos(Z_F, Z_P), count = rows.
+        kind: see :func:`consistency_rows_sum`.
 
     Returns:
-        (0-dim sum, int count); ``sum / count`` is :func:`consistency_loss`. Sums and counts of
-        row chunks add up to the unchunked pair.
+        (0-dim sum over the valid rows, int number of valid rows); ``sum / count`` is
+        :func:`consistency_loss`. Sums and counts of row chunks add up to the unchunked pair.
     """
-    _check_choice(kind, "kind", CONSISTENCY_KINDS)
+    check_choice(kind, "kind", CONSISTENCY_KINDS)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
         math.isfinite(temperature) and temperature > 0
     ):
@@ -139,19 +158,10 @@ def consistency_loss_sum(
         )
     _check_mask(mask, student_logits)
 
-    dtype = _compute_dtype(student_logits, teacher_logits)
+    dtype = compute_dtype(student_logits, teacher_logits)
     s = _valid_rows(student_logits, mask, dtype)
     t = _valid_rows(teacher_logits.to(student_logits.device), mask, dtype)
-    if kind == "kl":
-        log_q = F.log_softmax(s / temperature, dim=-1)  # student F (model)
-        log_p = F.log_softmax(t / temperature, dim=-1)  # teacher P (target)
-        total = F.kl_div(log_q, log_p, reduction="sum", log_target=True) * temperature**2
-        return total, s.shape[0]
-    if kind == "mse":
-        total = F.mse_loss(F.normalize(s, dim=-1), F.normalize(t, dim=-1), reduction="sum")
-        return total, s.numel()
-    total = (1.0 - F.cosine_similarity(s, t, dim=-1)).sum()
-    return total, s.shape[0]
+    return consistency_rows_sum(s, t, temperature=temperature, kind=kind), s.shape[0]
 
 
 def consistency_loss(
@@ -164,9 +174,7 @@ def consistency_loss(
 ) -> torch.Tensor:
     """Consistency regulariser L_CR (eq. 4 for (N, D) logits, eq. 9 for masked (B, L, V) logits).
 
-    ``kind="kl"``: T^2 * KL(softmax(Z_P/T) || softmax(Z_F/T)) summed over classes, averaged over
-    the valid rows. ``kind="mse"``: ``F.mse_loss`` of the L2-normalised valid rows.
-    ``kind="cosine"``: mean over valid rows of 1 - cos(Z_F row, Z_P row).
+    The mean over the valid rows of the per-row term of ``kind`` (:func:`consistency_rows_sum`).
     See :func:`consistency_loss_sum` for argument shapes. Returns a 0-dim tensor; 0 (attached
     to the graph) when no position is valid.
     """
@@ -179,6 +187,7 @@ def consistency_loss(
 # --------------------------------------------------------------------------- diversity
 
 
+@no_autocast()
 def covariance_diversity_loss(logits: torch.Tensor) -> torch.Tensor:
     """Covariance diversity regulariser L_DR for NLU (eq. 5-6).
 
@@ -191,7 +200,7 @@ def covariance_diversity_loss(logits: torch.Tensor) -> torch.Tensor:
         attached to the graph (zero gradients).
     """
     _check_logits(logits, "logits", dims=(2,))
-    z = logits.to(_compute_dtype(logits))
+    z = logits.to(compute_dtype(logits))
     n, d = z.shape
     if n < 2:
         return z.sum() * 0.0
@@ -201,6 +210,17 @@ def covariance_diversity_loss(logits: torch.Tensor) -> torch.Tensor:
     return cov.pow(2)[off_diag].sum() / d
 
 
+def neg_topk_entropy_rows_sum(s: torch.Tensor, *, top_k: int) -> torch.Tensor:
+    """The plain formula of eq. 10-11: Σ over rows of Σ_v p_v log p_v, p = softmax of the row's top-K.
+
+    ``s`` is (N, D) in the compute dtype (no checks, no mask); ``top_k > D`` is clamped to D.
+    Returns a 0-dim sum (differentiable: the gradient reaches the top-K entries only).
+    """
+    log_p = F.log_softmax(s.topk(min(top_k, s.shape[-1]), dim=-1).values, dim=-1)
+    return (log_p.exp() * log_p).sum()
+
+
+@no_autocast()
 def topk_entropy_sum(
     logits: torch.Tensor, *, top_k: int = 20, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
@@ -215,13 +235,11 @@ def topk_entropy_sum(
         (0-dim sum over valid rows of ``sum_v p_v log p_v`` with p = softmax of the row's top-K
         logits, int number of valid rows). Chunk sums/counts add up to the unchunked pair.
     """
-    _check_int(top_k, "top_k")
+    check_int(top_k, "top_k")
     _check_logits(logits, "logits")
     _check_mask(mask, logits)
-    rows = _valid_rows(logits, mask, _compute_dtype(logits))
-    top = rows.topk(min(top_k, rows.shape[-1]), dim=-1).values
-    log_p = F.log_softmax(top, dim=-1)
-    return (log_p.exp() * log_p).sum(), rows.shape[0]
+    rows = _valid_rows(logits, mask, compute_dtype(logits))
+    return neg_topk_entropy_rows_sum(rows, top_k=top_k), rows.shape[0]
 
 
 def topk_entropy_diversity_loss(
@@ -242,6 +260,7 @@ def topk_entropy_diversity_loss(
 # --------------------------------------------------------------------------- SVD
 
 
+@no_autocast()
 def svd_loss(
     logits: torch.Tensor,
     *,
@@ -264,18 +283,26 @@ def svd_loss(
         no valid rows gives 0 with zero gradients. Gradients of ``torch.linalg.svdvals`` stay
         finite for repeated singular values.
     """
-    _check_int(k, "k")
-    _check_choice(normalize, "normalize", SVD_NORMALIZATIONS)
+    check_int(k, "k")
+    check_choice(normalize, "normalize", SVD_NORMALIZATIONS)
     _check_logits(logits, "logits")
     _check_mask(mask, logits)
-    z = _valid_rows(logits, mask, _compute_dtype(logits))
+    z = _valid_rows(logits, mask, compute_dtype(logits))
     if z.shape[0] == 0:
         return z.sum() * 0.0
     k = min(k, min(z.shape))
     if normalize == "nuclear" and k == min(z.shape):
         return z.sum() * 0.0 - 1.0
     sigma = torch.linalg.svdvals(z)  # descending
-    top = sigma[:k].sum()
     denom = sigma.sum() if normalize == "nuclear" else torch.linalg.vector_norm(z)
-    ratio = -top / denom.clamp_min(_SVD_EPS)
-    return torch.where(denom > _SVD_EPS, ratio, torch.zeros_like(ratio))
+    return top_singular_value_ratio(sigma, denom, k)
+
+
+def top_singular_value_ratio(sigma: torch.Tensor, denominator: torch.Tensor, k: int) -> torch.Tensor:
+    """−Σ_{i≤k} σ_i / denominator (eq. 7 with the nuclear norm, eq. 12 with ‖Z‖_F).
+
+    ``sigma`` (r,) descending singular values, ``denominator`` 0-dim. A denominator <= 1e-8
+    (an all-zero matrix) gives 0 with zero gradients instead of a division by ~0.
+    """
+    ratio = -sigma[:k].sum() / denominator.clamp_min(EPS)
+    return torch.where(denominator > EPS, ratio, torch.zeros_like(ratio))
