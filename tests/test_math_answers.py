@@ -51,6 +51,24 @@ def test_extract_gsm8k_answer(text, expected):
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("step\n#### 1,234", "1234"),
+        ("a\n#### 3/4\n", "3/4"),
+        ("#### 1\nmore\n#### -2.5", "-2.5"),  # the last '####' line
+        ("#### $18.", "18"),
+        ("no final line", None),
+        ("#### twelve", None),
+        ("The answer is 5.", None),  # strict: no fallback to stated / last numbers
+        ("so \\boxed{7}", None),
+        (None, None),
+    ],
+)
+def test_extract_gsm8k_answer_strict_reads_only_the_hashes_line(text, expected):
+    assert extract_gsm8k_answer(text, strict=True) == expected
+
+
+@pytest.mark.parametrize(
     ("pred", "gold", "equal"),
     [
         ("5.00", "5", True),

@@ -7,8 +7,10 @@ import json
 import datasets
 import pytest
 
+from balora.data.files import read_records
+from balora.data.hub import HubLoadError
+from balora.data.math import MATH_SUBJECTS, load_gsm8k, load_math
 from balora.evaluation.math_answers import score_math
-from balora.data.math import MATH_SUBJECTS, load_gsm8k, load_math, read_local_rows
 
 GSM_ROWS = [
     {"question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
@@ -64,7 +66,9 @@ def test_gsm8k_local_files(tmp_path):
     array.write_text(json.dumps(GSM_ROWS), encoding="utf-8")
     parquet = tmp_path / "gsm.parquet"
     datasets.Dataset.from_list(GSM_ROWS).to_parquet(str(parquet))
-    for path in (jsonl, array, parquet):
+    csv = tmp_path / "gsm.csv"
+    datasets.Dataset.from_list(GSM_ROWS).to_csv(str(csv), index=False)
+    for path in (jsonl, array, parquet, csv):
         ds = load_gsm8k(path=path)
         assert ds["question"] == [row["question"] for row in GSM_ROWS]
         assert ds["final_answer"] == ["7", "1250", "4.5"]
@@ -74,11 +78,11 @@ def test_gsm8k_local_files(tmp_path):
 
 
 def test_gsm8k_user_errors(tmp_path, hub_calls):
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="GSM8K data file not found"):
         load_gsm8k(path=tmp_path / "missing.jsonl")
-    (tmp_path / "x.csv").write_text("question,answer\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="unsupported math data file 'x.csv'"):
-        load_gsm8k(path=tmp_path / "x.csv")
+    (tmp_path / "x.xlsx").write_text("question,answer\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unsupported GSM8K data file 'x.xlsx'"):
+        load_gsm8k(path=tmp_path / "x.xlsx")
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text(json.dumps({"problem": "p", "solution": "s"}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="lacks column\\(s\\) question, answer; found: problem, solution"):
@@ -99,7 +103,7 @@ def test_hub_failure_is_one_line(monkeypatch):
         raise OSError("We couldn't connect to the hub.\nlong trace")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ConnectionError, match="could not load openai/gsm8k .*path=") as info:
+    with pytest.raises(HubLoadError, match="could not load GSM8K .*openai/gsm8k.*path=") as info:
         load_gsm8k()
     assert "\n" not in str(info.value)
 
@@ -171,11 +175,11 @@ def test_math_local_files(tmp_path):
         load_math(path=path, subjects="geometry")
 
 
-def test_read_local_rows_rejects_non_objects(tmp_path):
+def test_local_files_must_hold_objects_and_rows(tmp_path):
     path = tmp_path / "list.json"
     path.write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(ValueError, match="must hold JSON objects"):
-        read_local_rows(path)
+        read_records(path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match="has no rows"):

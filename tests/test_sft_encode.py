@@ -173,7 +173,7 @@ def test_label_assignment_matches_a_naive_loop():
     """The binary-search labelling equals the obvious per-token loop on random layouts."""
     import random
 
-    from balora.data.sft.encode import _labels
+    from balora.data.sft.encode import response_labels
 
     rng = random.Random(0)
     for _ in range(200):
@@ -184,7 +184,7 @@ def test_label_assignment_matches_a_naive_loop():
         points = sorted(rng.sample(range(61), 4))
         spans = [(points[0], points[1]), (points[2], points[3])]
         naive = [t if e > s0 and any(a <= s0 < b for a, b in spans) else -100 for t, (s0, e) in zip(ids, offsets)]
-        assert _labels(ids, offsets, spans) == naive
+        assert response_labels(ids, offsets, spans) == naive
 
 
 # ------------------------------------------------------------------ truncation

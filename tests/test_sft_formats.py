@@ -5,6 +5,7 @@ import json
 import datasets
 import pytest
 
+from balora.data.hub import HubLoadError
 from balora.data.sft import (
     ALPACA_PREAMBLE,
     SFT_DATASETS,
@@ -245,19 +246,21 @@ def test_hub_failures_are_one_line_value_errors(monkeypatch):
         raise FileNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub\nmore details")
 
     monkeypatch.setattr(datasets, "load_dataset", failing)
-    with pytest.raises(ValueError, match="nobody/nothing") as info:
+    with pytest.raises(HubLoadError, match="nobody/nothing.*doesn't exist.*data.train_file") as info:
         load_sft_dataset("nobody/nothing")
     assert "\n" not in str(info.value)
 
 
-def test_local_jsonl_json_and_parquet(tmp_path):
+def test_local_jsonl_json_parquet_and_csv(tmp_path):
     cache = str(tmp_path / "cache")
     jsonl = _write_jsonl(tmp_path / "d.jsonl", ROWS)
     js = tmp_path / "d.json"
     js.write_text(json.dumps(ROWS), encoding="utf-8")
     parquet = tmp_path / "d.parquet"
     datasets.Dataset.from_list(ROWS).to_parquet(str(parquet))
-    for path in (jsonl, js, parquet):
+    csv = tmp_path / "d.csv"
+    datasets.Dataset.from_list(ROWS).to_csv(str(csv), index=False)
+    for path in (jsonl, js, parquet, csv):
         ds = load_sft_dataset(str(path), cache_dir=cache)
         assert ds["query"] == [r["query"] for r in ROWS] and ds["response"] == [r["response"] for r in ROWS]
     sub = load_sft_dataset(str(jsonl), max_examples=3, seed=0, cache_dir=cache)
@@ -271,18 +274,18 @@ def test_local_sharegpt_file_round_trips_to_messages(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "content", "match"),
+    ("name", "content", "error", "match"),
     [
-        ("missing.jsonl", None, "not found"),
-        ("table.csv", "a,b\n1,2\n", "unsupported SFT data file type '.csv'"),
-        ("broken.jsonl", '{"query": "q", "response": \n', "cannot read SFT data"),
+        ("missing.jsonl", None, FileNotFoundError, "SFT data file not found"),
+        ("table.xlsx", "a,b\n1,2\n", ValueError, "unsupported SFT data file 'table.xlsx'"),
+        ("broken.jsonl", '{"query": "q", "response": \n', ValueError, "cannot read SFT data"),
     ],
 )
-def test_bad_local_files_raise_one_line_value_errors(tmp_path, name, content, match):
+def test_bad_local_files_raise_one_line_errors(tmp_path, name, content, error, match):
     path = tmp_path / name
     if content is not None:
         path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match=match) as info:
+    with pytest.raises(error, match=match) as info:
         load_sft_dataset(str(path), cache_dir=str(tmp_path / "cache"))
     assert "\n" not in str(info.value)
 

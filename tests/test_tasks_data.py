@@ -46,7 +46,6 @@ def test_load_table_jsonl_and_json_array(tmp_path):
 @pytest.mark.parametrize(
     "name, content, kwargs, match",
     [
-        ("nope.csv", None, {}, "data file not found"),
         ("d.xlsx", "x", {}, "unknown file extension '.xlsx'"),
         ("d.csv", "sentence,y\na,1\n", {}, r"no column 'text', 'label'; the columns are: sentence, y"),
         ("d.tsv", "text\tlabel\na\t1\n", {"text_pair_column": "hyp"}, "no column 'hyp'; the columns are: text, label"),
@@ -62,6 +61,20 @@ def test_load_table_errors_are_one_line_value_errors(tmp_path, name, content, kw
     with pytest.raises(ValueError, match=match) as err:
         load_table(path, **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_load_table_missing_file_is_one_line_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file not found") as err:
+        load_table(tmp_path / "nope.csv")
+    assert "\n" not in str(err.value)
+
+
+def test_load_table_reads_parquet(tmp_path):
+    import datasets
+
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list([{"text": "a", "label": 1}, {"text": "b", "label": 0}]).to_parquet(str(path))
+    assert load_table(path).to_dict() == {"text": ["a", "b"], "label": ["1", "0"]}
 
 
 # ------------------------------------------------------- load_classification_files

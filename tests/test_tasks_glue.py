@@ -7,6 +7,7 @@ import datasets
 import pytest
 
 from balora.data.glue import GLUE_HUB_ID, GLUE_TASKS, load_glue_task
+from balora.data.hub import HubLoadError
 
 
 def _write(path, text):
@@ -129,7 +130,7 @@ def test_hub_unreachable_is_one_clear_line(monkeypatch):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)\nmore")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ConnectionError) as err:
+    with pytest.raises(HubLoadError) as err:
         load_glue_task("qqp")
     msg = str(err.value)
     assert "\n" not in msg and "nyu-mll/glue" in msg

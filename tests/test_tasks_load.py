@@ -19,9 +19,11 @@ def _files(tmp_path, n=40):
     return tr, ev
 
 
-def test_reexports():
-    for name in ("TaskData", "load_task", "classification_metrics", "regression_metrics", "encode"):
+def test_public_names():
+    for name in ("TaskData", "load_task", "encode", "load_table", "available_tasks"):
         assert hasattr(tasks, name) and name in tasks.__all__
+    for name in ("classification_metrics", "regression_metrics", "GLUE_METRICS"):  # one home: evaluation
+        assert not hasattr(tasks, name)
 
 
 def test_files_by_name_and_by_custom_name(tmp_path):

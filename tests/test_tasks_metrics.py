@@ -5,8 +5,7 @@ import warnings
 
 import pytest
 
-from balora.data import classification_metrics, regression_metrics
-from balora.evaluation.classification import GLUE_METRICS
+from balora.evaluation.classification import GLUE_METRICS, classification_metrics, regression_metrics
 
 
 def test_three_class_by_hand():

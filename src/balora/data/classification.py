@@ -1,4 +1,4 @@
-"""The common task container, table readers, row cleaning and tokenisation.
+"""The common task container, the reading of a local split, row cleaning and tokenisation.
 
 Every loader in :mod:`balora.data` ends in :func:`build_task`, which turns raw
 columns (strings or numbers) into a :class:`TaskData`:
@@ -16,17 +16,16 @@ columns (strings or numbers) into a :class:`TaskData`:
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import datasets
 import numpy as np
+
+from balora.data.files import read_table
 
 __all__ = [
     "CLASSIFICATION",
@@ -37,6 +36,7 @@ __all__ = [
     "encode",
     "load_classification_files",
     "load_table",
+    "read_split",
     "stratified_split",
     "subsample",
 ]
@@ -45,7 +45,6 @@ logger = logging.getLogger("balora")
 
 CLASSIFICATION = "single_label_classification"
 REGRESSION = "regression"
-_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
 
 
 @dataclass
@@ -89,7 +88,7 @@ class RawSplit:
     skipped: Counter = field(default_factory=Counter)
 
 
-# ---------------------------------------------------------------- table reading
+# ---------------------------------------------------------------- file reading
 
 
 def _cell(value) -> str:
@@ -101,79 +100,28 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _read_records(path: Path, kind: str) -> tuple[list[str], list[dict], int]:
-    """(column names, rows as dicts, number of blank lines) of a CSV/TSV/JSON(L) file."""
-    blank = 0
-    if kind in ("csv", "tsv"):
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            if kind == "csv":
-                reader = csv.reader(fh)
-            else:  # GLUE-style TSV: quotes are literal text, never field delimiters
-                reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            try:
-                header = next(reader, None)
-                if header is None:
-                    raise ValueError(f"{path}: the file is empty (no header row)")
-                rows = []
-                for cells in reader:
-                    if not any(c.strip() for c in cells):
-                        blank += 1
-                        continue
-                    rows.append(dict(zip(header, cells)))
-            except csv.Error as exc:
-                raise ValueError(
-                    f"{path}: not valid {kind.upper()} near line {reader.line_num}: {exc}"
-                ) from None
-        return [h for h in header], rows, blank
+def read_split(
+    path, text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label"
+) -> RawSplit:
+    """Columns ``text`` [``text_pair``] ``label`` of a local file as raw strings (a missing cell
+    is ""), with its blank lines counted as ``"empty line"`` in ``RawSplit.skipped``.
 
-    text = path.read_text(encoding="utf-8-sig")
-    if kind == "json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                blank += 1
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON: {exc.msg}") from None
-    if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: every JSON record must be an object with named fields")
-    columns: list[str] = []
-    for r in rows:
-        columns.extend(k for k in r if k not in columns)
-    return columns, rows, blank
-
-
-def _read_table(
-    path, text_column: str, text_pair_column: str | None, label_column: str
-) -> tuple[dict[str, list[str]], int]:
-    """Columns ``text`` [``text_pair``] ``label`` as raw strings, and the blank-line count."""
-    path = Path(path)
-    kind = _EXTENSIONS.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(
-            f"{path}: unknown file extension {path.suffix!r}; use one of {', '.join(_EXTENSIONS)}"
-        )
-    if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
-    header, rows, blank = _read_records(path, kind)
+    The file is read by :func:`balora.data.files.read_table`; a missing column raises a
+    one-line ValueError listing the columns that are there.
+    """
+    table = read_table(path)
     wanted = {"text": text_column, "label": label_column}
     if text_pair_column:
         wanted = {"text": text_column, "text_pair": text_pair_column, "label": label_column}
-    missing = [c for c in wanted.values() if c not in header]
+    missing = [c for c in wanted.values() if c not in table.columns]
     if missing:
         raise ValueError(
             f"{path}: no column {', '.join(map(repr, missing))}; "
-            f"the columns are: {', '.join(header) or '(none)'}"
+            f"the columns are: {', '.join(table.columns) or '(none)'}"
         )
-    cols = {ours: [_cell(r.get(theirs)) for r in rows] for ours, theirs in wanted.items()}
-    return cols, blank
+    cols = {ours: [_cell(r.get(theirs)) for r in table.rows] for ours, theirs in wanted.items()}
+    blank = table.blank_lines
+    return RawSplit(cols, Counter({"empty line": blank} if blank else {}))
 
 
 def load_table(
@@ -182,21 +130,21 @@ def load_table(
     text_pair_column: str | None = None,
     label_column: str = "label",
 ) -> datasets.Dataset:
-    """Read a CSV, TSV or JSON-lines file (chosen by extension: .csv, .tsv, .jsonl, .json).
+    """Read a CSV, TSV, JSON(-lines) or Parquet file (see :mod:`balora.data.files`).
 
     Returns a Dataset with columns ``text``, ``text_pair`` (only when
     ``text_pair_column`` is given) and ``label``, all raw strings (a missing cell is
-    ""): no row is dropped here except blank lines, which are logged. CSV follows
-    the usual quoting rules; TSV is read with quoting off (GLUE style: a ``"`` is
-    text). A .json file may be JSON lines or one JSON array of objects.
+    ""): no row is dropped here except blank lines, which are logged.
 
-    Raises a one-line ValueError for a missing file, an unknown extension, a
-    malformed file, or a missing column (listing the columns that are there).
+    Raises a one-line FileNotFoundError for a missing file and a one-line ValueError for an
+    unknown extension, a malformed or empty file, or a missing column (listing the columns
+    that are there).
     """
-    cols, blank = _read_table(path, text_column, text_pair_column, label_column)
+    raw = read_split(path, text_column, text_pair_column, label_column)
+    blank = raw.skipped["empty line"]
     if blank:
         logger.warning("skipped %d blank line%s of %s", blank, "s" * (blank != 1), path)
-    return datasets.Dataset.from_dict(cols, features=_raw_features(cols))
+    return datasets.Dataset.from_dict(raw.columns, features=_raw_features(raw.columns))
 
 
 def _raw_features(cols: Mapping[str, list]) -> datasets.Features:
@@ -357,18 +305,15 @@ def load_classification_files(
     label_column: str = "label",
     problem_type: str | None = None,
 ) -> TaskData:
-    """A task from two local files (CSV/TSV/JSON lines, see :func:`load_table`).
+    """A task from two local files (CSV/TSV/JSON(L)/Parquet, see :func:`read_split`).
 
     Classes are the sorted labels of ``train_file`` (strings or integers); eval
     rows with a class unseen in train, and rows with an empty text or label, are
     skipped and counted. Numeric non-integer labels, or ``problem_type="regression"``,
     give a regression task with float labels. Blank lines count as ``"empty line"``.
     """
-    raws = []
-    for path in (train_file, eval_file):
-        cols, blank = _read_table(path, text_column, text_pair_column, label_column)
-        raws.append(RawSplit(cols, Counter({"empty line": blank} if blank else {})))
-    return build_task(name, raws[0], raws[1], problem_type=problem_type)
+    train, eval_ = (read_split(p, text_column, text_pair_column, label_column) for p in (train_file, eval_file))
+    return build_task(name, train, eval_, problem_type=problem_type)
 
 
 # ---------------------------------------------------------------- splitting

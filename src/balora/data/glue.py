@@ -5,20 +5,20 @@ split (``validation_matched`` for mnli; GLUE's test labels are hidden). stsb is 
 regression task (float labels in [0, 5]). The headline metric is the first of
 :data:`~balora.evaluation.classification.GLUE_METRICS` (f1 for mrpc/qqp, pearson for stsb).
 
-Without internet, pass local files (CSV/TSV/JSON lines, see
-:func:`~balora.data.classification.load_table`) that use the task's own column names, e.g.
+Without internet, pass local files (CSV/TSV/JSON(L)/Parquet, see
+:func:`~balora.data.classification.read_split`) that use the task's own column names, e.g.
 ``sentence1,sentence2,label`` for mrpc. A label there may be the class id
 (``0``/``1``...) or the class name (``entailment``...).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import datasets
 
-from .classification import CLASSIFICATION, REGRESSION, RawSplit, TaskData, _read_table, build_task
+from balora.data.classification import CLASSIFICATION, REGRESSION, RawSplit, TaskData, build_task, read_split
+from balora.data.hub import load_hub_dataset
 from balora.evaluation.classification import GLUE_METRICS
 
 __all__ = ["GLUE_HUB_ID", "GLUE_TASKS", "load_glue_task"]
@@ -54,21 +54,15 @@ GLUE_TASKS: dict[str, GlueTask] = {
 }
 
 
-def _from_hub(name: str, task: GlueTask, files_hint: str) -> tuple[datasets.DatasetDict, list | None]:
-    try:
-        dd = datasets.load_dataset(GLUE_HUB_ID, name)
-    except Exception as exc:  # noqa: BLE001 -- any failure here means "no hub data"
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ConnectionError(
-            f"could not load GLUE task {name!r} from the hub ({GLUE_HUB_ID}): "
-            f"{type(exc).__name__}: {first} -- without internet, pass local files instead: "
-            f"train_file=... and eval_file=... (data.train_file / data.eval_file in a run config; {files_hint})"
-        ) from None
-    names = None
+def _from_hub(name: str, files_hint: str) -> tuple[datasets.DatasetDict, list | None]:
+    """All splits of GLUE task ``name`` and its class names (None when the hub has none)."""
+    dd = load_hub_dataset(
+        GLUE_HUB_ID, name, what=f"GLUE task {name!r}",
+        offline_hint="Without internet, pass local files instead: train_file=... and eval_file=... "
+        f"(data.train_file / data.eval_file in a run config; {files_hint})",
+    )
     feature = dd["train"].features.get("label")
-    if isinstance(feature, datasets.ClassLabel):
-        names = list(feature.names)
-    return dd, names
+    return dd, list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
 
 
 def _hub_split(ds: datasets.Dataset, task: GlueTask) -> RawSplit:
@@ -94,7 +88,8 @@ def load_glue_task(
     hub unless overridden with ``text_column`` / ``text_pair_column`` /
     ``label_column``); a split without a file comes from
     ``datasets.load_dataset("nyu-mll/glue", name)``. When the hub cannot be reached
-    a one-line ``ConnectionError`` says so and names the file options.
+    a one-line :class:`~balora.data.hub.HubLoadError` (a ``ConnectionError``) says so and
+    names the file options.
     """
     name = name.lower()
     if name not in GLUE_TASKS:
@@ -103,21 +98,20 @@ def load_glue_task(
     text_col = text_column or task.text_column
     pair_col = text_pair_column or task.text_pair_column
     label_col = label_column or "label"
-    files_hint = "CSV/TSV/JSONL with columns " + ", ".join(c for c in (text_col, pair_col, label_col) if c)
+    files_hint = "CSV/TSV/JSON(L)/Parquet with columns " + ", ".join(c for c in (text_col, pair_col, label_col) if c)
 
     label_names = list(task.label_names) if task.label_names else None
     files = {"train": train_file, "eval": eval_file}
     raw: dict[str, RawSplit] = {}
     if any(f is None for f in files.values()):
-        dd, hub_names = _from_hub(name, task, files_hint)
+        dd, hub_names = _from_hub(name, files_hint)
         label_names = hub_names or label_names
         for split, hub_split in (("train", "train"), ("eval", task.eval_split)):
             if files[split] is None:
                 raw[split] = _hub_split(dd[hub_split], task)
     for split, path in files.items():
         if path is not None:
-            cols, blank = _read_table(path, text_col, pair_col, label_col)
-            raw[split] = RawSplit(cols, Counter({"empty line": blank} if blank else {}))
+            raw[split] = read_split(path, text_col, pair_col, label_col)
     return build_task(
         name,
         raw["train"],

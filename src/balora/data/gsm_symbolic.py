@@ -53,11 +53,11 @@ import datasets
 from tqdm.auto import tqdm
 
 from balora.assets import AssetNotInstalled
+from balora.evaluation.math_answers import extract_gsm8k_answer
 
 __all__ = [
     "INSTALL_HINT",
     "MathSplit",
-    "final_answer_from_solution",
     "load_gsm_symbolic",
     "strip_calculator_annotations",
 ]
@@ -81,10 +81,8 @@ FEATURES = datasets.Features(
 EXACT_LIMIT = 2_000
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
-_FINAL_LINE = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 _FINAL_TAIL = re.compile(r"\s*####\s*([^\n]*?)\s*$")
 _ANSWER_EXPR = re.compile(r"^\s*#answer:\s*(.+?)\s*$", re.MULTILINE)
-_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?")
 
 
 @dataclass
@@ -118,19 +116,6 @@ class _Template:
 def strip_calculator_annotations(text: str) -> str:
     """Remove GSM8K calculator annotations: ``"6*2 = <<6*2=12>>12"`` -> ``"6*2 = 12"``."""
     return _CALCULATOR.sub("", text)
-
-
-def final_answer_from_solution(solution: str) -> str | None:
-    """The number after the last ``####`` of a GSM8K-style solution (up to the line end), without ``,`` / ``$``.
-
-    Returns None when there is no such line or it does not hold a single number
-    (integer, decimal or ``a/b``).
-    """
-    lines = _FINAL_LINE.findall(solution)
-    if not lines:
-        return None
-    value = lines[-1].replace(",", "").replace("$", "").strip().rstrip(".")
-    return value if _NUMBER.fullmatch(value) else None
 
 
 def _as_fraction(value: Any) -> Fraction | None:
@@ -340,7 +325,7 @@ def _template_rows(
     annotated = template.annotated
     rows: list[dict] = []
     seen: set[str] = set()
-    original_final = final_answer_from_solution(annotated.answer)
+    original_final = extract_gsm8k_answer(annotated.answer, strict=True)
     if original_final is not None:
         rows.append(_row(template.template_id, annotated.question, annotated.answer, original_final,
                          True, keep_calculator_annotations))
@@ -353,7 +338,7 @@ def _template_rows(
             question, answer, assignment = _render(annotated, constrained, replacements, rng)
         except Exception:  # a sampled combination the answer formulas cannot handle
             continue
-        final = final_answer_from_solution(answer)
+        final = extract_gsm8k_answer(answer, strict=True)
         if final is None or question.strip() in seen or not _answers_agree(
             final, _expected_answer(annotated, assignment)
         ):

@@ -12,19 +12,21 @@ MATH rows also carry ``subject`` (hub config name such as ``counting_and_probabi
 ``level`` (1-5, 0 when unknown).
 
 Hub sources: ``openai/gsm8k`` (config ``main``) and ``EleutherAI/hendrycks_math`` (one config
-per subject, concatenated here). With ``path=...`` a local ``.jsonl`` / ``.json`` / ``.parquet``
-file replaces the hub (``split`` is then ignored), e.g. an offline copy or MATH-500.
+per subject, concatenated here). With ``path=...`` a local file replaces the hub (``split`` is
+then ignored), e.g. an offline copy or MATH-500: any format :func:`balora.data.files.read_records`
+reads (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ...).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
 
+from balora.data.files import read_records
+from balora.data.hub import load_hub_dataset
 from balora.evaluation.math_answers import extract_boxed_answer, extract_gsm8k_answer
 
 __all__ = [
@@ -33,7 +35,6 @@ __all__ = [
     "MATH_SUBJECTS",
     "load_gsm8k",
     "load_math",
-    "read_local_rows",
 ]
 
 GSM8K_HUB_ID = "openai/gsm8k"
@@ -50,57 +51,13 @@ MATH_SUBJECTS = (
     "precalculus",
 )
 SPLITS = ("train", "test")
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-# --------------------------------------------------------------------------- local files
-
-
-def read_local_rows(path: str | Path) -> list[dict]:
-    """Rows of a local ``.jsonl`` (one object per line), ``.json`` (an array of objects, or
-    JSON lines) or ``.parquet`` file. One-line ValueError for a missing / malformed file."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"math data file not found: {file}")
-    suffix = file.suffix.lower()
-    if suffix not in _LOCAL_SUFFIXES:
-        raise ValueError(f"unsupported math data file {file.name!r}; use one of {', '.join(_LOCAL_SUFFIXES)}")
-    if suffix == ".parquet":
-        import pyarrow.parquet  # noqa: PLC0415 - a dependency of datasets
-
-        try:
-            return pyarrow.parquet.read_table(file).to_pylist()
-        except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
-            raise ValueError(f"could not read {file} as parquet: {type(exc).__name__}: {exc}") from None
-    return _read_json_rows(file)
-
-
-def _read_json_rows(file: Path) -> list[dict]:
-    """A JSON array of objects, or JSON lines (blank lines skipped)."""
-    text = file.read_text(encoding="utf-8")
-    if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file} is not valid JSON: {exc}") from None
-    else:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{file} line {number} is not valid JSON: {exc}") from None
-    if not all(isinstance(row, dict) for row in rows):
-        raise ValueError(f"{file} must hold JSON objects (one per line, or an array of objects)")
-    return rows
 
 
 def _require_columns(rows: list[dict], needed: Iterable[str], where: str) -> None:
     """ValueError for no rows, or naming the missing columns and the ones that are there."""
     if not rows:
         raise ValueError(f"{where} has no rows")
-    present = set(rows[0]) if rows else set()
+    present = set(rows[0])
     missing = [name for name in needed if name not in present]
     if missing:
         raise ValueError(f"{where} lacks column(s) {', '.join(missing)}; found: {', '.join(sorted(present)) or 'none'}")
@@ -122,16 +79,13 @@ def _check_split(split: str, name: str) -> None:
         raise ValueError(f"unknown {name} split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
-def _from_hub(hub_id: str, config: str, split: str) -> datasets.Dataset:
-    """``datasets.load_dataset(hub_id, config, split=split)`` with a one-line error on failure."""
-    try:
-        return datasets.load_dataset(hub_id, config, split=split)
-    except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: all mean "no hub data"
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ConnectionError(
-            f"could not load {hub_id} ({config}, split {split}) from the hub: {type(exc).__name__}: {first} "
-            "-- without internet, use a local .jsonl/.json/.parquet copy (path=... in Python, --data or data.eval_file on the command line)"
-        ) from None
+def _from_hub(hub_id: str, config: str, split: str, what: str) -> datasets.Dataset:
+    """One split of one config of a hub data set; a one-line HubLoadError when it cannot be had."""
+    return load_hub_dataset(
+        hub_id, config, split=split, what=f"{what} ({config}, split {split})",
+        offline_hint="Without internet, use a local copy (.jsonl/.json/.parquet/.csv; "
+        "path=... in Python, --data or data.eval_file on the command line)",
+    )
 
 
 # --------------------------------------------------------------------------- GSM8K
@@ -157,10 +111,11 @@ def load_gsm8k(
     """
     _check_max_examples(max_examples)
     if path is not None:
-        rows, where = read_local_rows(path), str(path)
+        rows, where = read_records(path, what="GSM8K data file"), str(path)
     else:
         _check_split(split, "GSM8K")
-        rows, where = _from_hub(GSM8K_HUB_ID, GSM8K_CONFIG, split).to_list(), f"{GSM8K_HUB_ID} ({split})"
+        rows = _from_hub(GSM8K_HUB_ID, GSM8K_CONFIG, split, "GSM8K").to_list()
+        where = f"{GSM8K_HUB_ID} ({split})"
     _require_columns(rows, ("question", "answer"), where)
     return _dataset([_gsm8k_row(row) for row in rows], _GSM8K_FEATURES, max_examples)
 
@@ -230,7 +185,7 @@ def _math_hub_rows(split: str, subjects: list[str]) -> list[dict]:
     """Every chosen subject config of the hub dataset, concatenated in ``MATH_SUBJECTS`` order."""
     rows: list[dict] = []
     for subject in subjects:
-        rows.extend(_math_row(row, subject) for row in _from_hub(MATH_HUB_ID, subject, split))
+        rows.extend(_math_row(row, subject) for row in _from_hub(MATH_HUB_ID, subject, split, "MATH"))
     return rows
 
 
@@ -260,7 +215,7 @@ def load_math(
     chosen = _check_subjects(subjects)
     levels = _check_levels(level)
     if path is not None:
-        raw = read_local_rows(path)
+        raw = read_records(path, what="MATH data file")
         _require_columns(raw, ("problem",), str(path))
         if raw and "solution" not in raw[0] and "answer" not in raw[0]:
             raise ValueError(f"{path} needs a 'solution' or an 'answer' column; found: {', '.join(sorted(raw[0]))}")

@@ -88,14 +88,16 @@ def _numbers_equal(a: Fraction | None, b: Fraction | None) -> bool:
 # --------------------------------------------------------------------------- GSM8K
 
 
-def extract_gsm8k_answer(text: str | None) -> str | None:
+def extract_gsm8k_answer(text: str | None, *, strict: bool = False) -> str | None:
     """The final numeric answer of a GSM8K-style solution, as a clean number string.
 
-    Priority: the last ``#### N``; else the last ``\\boxed{..}`` holding exactly one number;
-    else the last "the answer is N" / "answer: N" (case-insensitive); else the last number in
-    the text. The result has no ``$``, thousands commas, ``%`` or trailing period
-    (``"The answer is $1,234.50."`` -> ``"1234.50"``); fractions stay ``"3/4"``.
-    Returns None when the text holds no number.
+    The one GSM8K answer parser: gold solutions, generated problems and model outputs all go
+    through it. Priority: the last ``#### N``; unless ``strict``, then the last ``\\boxed{..}``
+    holding exactly one number, then the last "the answer is N" / "answer: N"
+    (case-insensitive), then the last number in the text. The result has no ``$``, thousands
+    commas, ``%`` or trailing period (``"The answer is $1,234.50."`` -> ``"1234.50"``);
+    fractions stay ``"3/4"``. Returns None when the text holds no number (``strict``: no
+    ``#### N``).
     """
     if not text:
         return None
@@ -103,6 +105,8 @@ def extract_gsm8k_answer(text: str | None) -> str | None:
     hashes = _HASHES.findall(text)
     if hashes:
         return _clean_number(hashes[-1])
+    if strict:
+        return None
     boxed = _boxed_number(text)
     if boxed is not None:
         return boxed
@@ -352,7 +356,7 @@ class MathScore:
 def _gold_answer(gold: str, kind: str) -> str:
     """A gold given as a full solution (``#### N`` or ``\\boxed{}``) -> its final answer; else unchanged."""
     if kind == "gsm8k":
-        return (extract_gsm8k_answer(gold) or gold) if "####" in gold else gold.strip()
+        return extract_gsm8k_answer(gold, strict=True) or gold.strip()
     boxed = extract_boxed_answer(gold)
     return boxed if boxed is not None else gold.strip()
 

@@ -9,7 +9,7 @@ convention). ``render_prompt`` gives evaluation the exact prompt text training u
 from __future__ import annotations
 
 from .collator import SFTCollator
-from .encode import IGNORE_INDEX, TRAIN_ON, encode_messages, encode_sft, prompt_token_ids
+from .encode import TRAIN_ON, encode_messages, encode_sft, prompt_token_ids
 from .formats import (
     ALPACA_PREAMBLE,
     FORMATS,
@@ -25,7 +25,6 @@ from .sources import SFT_DATASETS, load_sft_dataset
 __all__ = [
     "ALPACA_PREAMBLE",
     "FORMATS",
-    "IGNORE_INDEX",
     "SFT_DATASETS",
     "TRAIN_ON",
     "ChatTemplateError",

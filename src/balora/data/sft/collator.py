@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from balora.regularizers.common import IGNORE_INDEX
+
 __all__ = ["SFTCollator"]
 
 
@@ -22,7 +24,7 @@ class SFTCollator:
     of shape ``(batch,)`` when every example has one.
     """
 
-    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None, label_pad_id: int = -100):
+    def __init__(self, pad_token_id: int, *, pad_to_multiple_of: int | None = None, label_pad_id: int = IGNORE_INDEX):
         if pad_token_id is None:
             raise ValueError(
                 "SFTCollator needs a pad token id; a tokenizer without one can use its eos: "

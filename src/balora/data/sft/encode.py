@@ -52,12 +52,12 @@ from balora.data.sft.formats import (
     render_prompt,
     to_messages,
 )
+from balora.regularizers.common import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "TRAIN_ON", "encode_messages", "encode_sft", "prompt_token_ids"]
+__all__ = ["TRAIN_ON", "encode_messages", "encode_sft", "prompt_token_ids", "response_labels"]
 
 logger = logging.getLogger("balora")
 
-IGNORE_INDEX = -100
 TRAIN_ON = ("last", "all_assistant")
 
 DROP_MALFORMED = "malformed record"
@@ -121,10 +121,13 @@ def _tokenize(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[t
     return enc["input_ids"], enc["offset_mapping"]
 
 
-def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """``ids[t]`` where token ``t`` starts inside a span (zero-width added tokens never do), else -100.
+def response_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """``ids[t]`` where token ``t`` starts inside a span (zero-width added tokens never do), else
+    :data:`~balora.regularizers.common.IGNORE_INDEX`.
 
-    ``spans`` are disjoint and in text order, so each token's candidate span is found by binary search."""
+    ``ids`` (length T) and ``offsets`` (T ``(start, end)`` character offsets) come from one
+    tokenised text; ``spans`` are the ``[start, end)`` character spans of its responses,
+    disjoint and in text order (so each token's candidate span is found by binary search)."""
     if not ids:
         return []
     ids_arr, off = np.asarray(ids), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
@@ -137,7 +140,7 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
 def _finish(ids: list[int], offsets: list, spans: list[tuple[int, int]], max_length: int) -> dict[str, list[int]] | None:
     """Cut at ``max_length`` and label; ``None`` when no target is left."""
     ids = list(ids[:max_length])
-    labels = _labels(ids, offsets[:max_length], spans)
+    labels = response_labels(ids, offsets[:max_length], spans)
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}

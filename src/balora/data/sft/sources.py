@@ -4,7 +4,8 @@
 
 * an alias of a set used in the BA-LoRA paper (see :data:`SFT_DATASETS`);
 * any Hugging Face Hub dataset id ``owner/name`` (needs the internet on first use);
-* a local ``.jsonl`` / ``.json`` / ``.parquet`` file (or a local dataset folder).
+* a local data file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ...: see
+  :mod:`balora.data.files`) or a local dataset folder.
 
 The result keeps the source's own columns; :func:`balora.data.sft.encode_sft` detects the format.
 """
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import datasets
 
+from balora.data.files import SUFFIXES, read_records
+from balora.data.hub import load_hub_dataset
+
 __all__ = ["SFT_DATASETS", "load_sft_dataset"]
 
 #: Short names of the paper's instruction sets -> Hugging Face Hub ids.
@@ -24,45 +28,37 @@ SFT_DATASETS: dict[str, str] = {
     "wizardlm-evol-instruct": "WizardLMTeam/WizardLM_evol_instruct_V2_196k",
 }
 
-#: Local file extension -> ``datasets`` packaged builder.
-_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+#: What to do without internet (the end of every hub error).
+OFFLINE_HINT = (
+    "Without internet, use a local .jsonl/.json/.parquet/.csv file "
+    "(load_sft_dataset(PATH) in Python, data.train_file=PATH on the command line)"
+)
 
 
 def _looks_local(source: str) -> bool:
     """A filesystem path rather than a hub id ``owner/name``."""
     return (
         Path(source).expanduser().exists()
-        or Path(source).suffix.lower() in _FILE_BUILDERS
+        or Path(source).suffix.lower() in (*SUFFIXES, ".gz")
         or source.startswith((".", "/", "~", "\\"))
         or source.count("/") > 1
     )
 
 
-def _load_local(source: str, cache_dir: str | None) -> datasets.Dataset:
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ValueError(f"SFT data file not found: {source}")
-    if path.is_dir():
-        return _guarded(lambda: datasets.load_dataset(str(path), split="train", cache_dir=cache_dir), source)
-    builder = _FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"{source}: unsupported SFT data file type {path.suffix!r}; use .jsonl, .json or .parquet")
-    return _guarded(
-        lambda: datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir), source
-    )
+def _from_file(source: str) -> datasets.Dataset:
+    """The rows of a local data file; a key missing from a row becomes ``None`` there."""
+    rows = read_records(source, what="SFT data file")
+    columns = dict.fromkeys(key for row in rows for key in row)
+    return datasets.Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns})
 
 
-def _guarded(load, what: str) -> datasets.Dataset:
-    """Run ``load()``; any failure becomes a one-line ValueError naming ``what``."""
+def _from_folder(folder: Path, cache_dir: str | None) -> datasets.Dataset:
+    """A local dataset folder (data files ``datasets`` can build a train split from)."""
     try:
-        return load()
-    except Exception as exc:  # noqa: BLE001 - every reader error is reported the same way
-        raise ValueError(f"cannot read SFT data {what!r}: {_first_line(exc)}") from None
+        return datasets.load_dataset(str(folder), split="train", cache_dir=cache_dir)
+    except Exception as exc:  # noqa: BLE001 - every builder error means "not a readable dataset folder"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read SFT data folder {folder}: {type(exc).__name__}: {first}") from None
 
 
 def _resolve(source: str) -> tuple[str, bool]:
@@ -76,7 +72,7 @@ def _resolve(source: str) -> tuple[str, bool]:
         return source, False
     raise ValueError(
         f"unknown SFT dataset {source!r}: use one of {sorted(SFT_DATASETS)}, a hub id 'owner/name', "
-        "or a local .jsonl/.json/.parquet file"
+        "or a local .jsonl/.json/.parquet/.csv file"
     )
 
 
@@ -92,16 +88,23 @@ def load_sft_dataset(
 
     ``split`` selects the hub split (local files have one split). ``max_examples`` keeps a
     seeded random subset of that many rows (all rows when ``None`` or larger than the set).
-    ``cache_dir`` is passed to ``datasets.load_dataset``. Every failure to find or read the
-    data raises a one-line ``ValueError``.
+    ``cache_dir`` is passed to ``datasets.load_dataset`` (hub sets and folders). A missing
+    file raises a one-line ``FileNotFoundError``, a bad file or folder a one-line
+    ``ValueError``, and a hub set that cannot be loaded a one-line
+    :class:`~balora.data.hub.HubLoadError`.
     """
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be at least 1 or None, not {max_examples}")
     target, local = _resolve(source)
-    if local:
-        ds = _load_local(target, cache_dir)
+    folder = Path(target).expanduser()
+    if local and folder.is_dir():
+        ds = _from_folder(folder, cache_dir)
+    elif local:
+        ds = _from_file(target)
     else:
-        ds = _guarded(lambda: datasets.load_dataset(target, split=split, cache_dir=cache_dir), f"{target} [{split}]")
+        ds = load_hub_dataset(
+            target, split=split, cache_dir=cache_dir, what=f"SFT data set (split {split})", offline_hint=OFFLINE_HINT
+        )
     if max_examples is not None and max_examples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(max_examples)).flatten_indices()
     return ds

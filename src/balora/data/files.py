@@ -1,0 +1,173 @@
+"""The one reader of local data files: CSV, TSV, JSON, JSON lines and Parquet.
+
+The format comes from the file name: ``.csv``, ``.tsv``, ``.json``, ``.jsonl`` or ``.parquet``;
+a text format may be gzip-compressed with a further ``.gz`` (``HumanEval.jsonl.gz``). Text is
+read as UTF-8 (a byte-order mark is dropped).
+
+* CSV follows the usual quoting rules; TSV is read with quoting off (GLUE style: a ``"`` is
+  text, never a field delimiter). A row shorter than the header gets ``None`` for its missing
+  cells; cells beyond the header are dropped.
+* ``.jsonl`` holds one JSON object per line; ``.json`` holds one JSON array of objects, or JSON
+  lines.
+* Blank lines are skipped and counted (:attr:`Table.blank_lines`).
+
+Every problem with a file (missing, not a file, unknown suffix, malformed, not UTF-8, no
+rows) raises a one-line error that names what the file is for and its path:
+``FileNotFoundError`` for a missing file, ``ValueError`` for everything else.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["SUFFIXES", "Table", "read_records", "read_table"]
+
+#: Supported file suffixes (each text format also with ``.gz`` after it).
+SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+_TEXT_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
+
+
+@dataclass
+class Table:
+    """The records of one file.
+
+    ``rows``: one dict per record, in file order. ``columns``: the column names in file order
+    (the header of a CSV/TSV, the Parquet schema, or every JSON key in order of first use).
+    ``blank_lines``: blank lines skipped in a text file.
+    """
+
+    rows: list[dict]
+    columns: list[str]
+    blank_lines: int = 0
+
+
+def _format(path: Path, what: str) -> tuple[str, bool]:
+    """(the suffix that names the format, whether the file is gzip-compressed)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = suffixes[-1:] == [".gz"]
+    suffix = "".join(suffixes[-2:-1] if gzipped else suffixes[-1:])
+    if suffix not in (_TEXT_SUFFIXES if gzipped else SUFFIXES):
+        shown = "".join(path.suffixes[-2:] if gzipped else path.suffixes[-1:])
+        raise ValueError(
+            f"unsupported {what} {path.name!r} (unknown file extension {shown!r}); "
+            f"use one of {', '.join(SUFFIXES)} (a text format may end in .gz)"
+        )
+    return suffix, gzipped
+
+
+def _text(path: Path, gzipped: bool, what: str) -> str:
+    """The file's content as text (gunzipped when ``gzipped``)."""
+    try:
+        data = path.read_bytes()
+        if gzipped:
+            data = gzip.decompress(data)
+        return data.decode("utf-8-sig")
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise ValueError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"cannot read {what} {path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _delimited(text: str, tsv: bool, path: Path, what: str) -> Table:
+    """Rows of a CSV (quoted fields) or TSV (quoting off) text with a header line."""
+    if tsv:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+    rows, blank = [], 0
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{what} {path} has no rows (the file is empty)")
+        for cells in reader:
+            if not any(c.strip() for c in cells):
+                blank += 1
+                continue
+            rows.append({name: cells[i] if i < len(cells) else None for i, name in enumerate(header)})
+    except csv.Error as exc:
+        kind = "TSV" if tsv else "CSV"
+        raise ValueError(f"cannot read {what} {path}: not valid {kind} near line {reader.line_num}: {exc}") from None
+    return Table(rows, list(header), blank)
+
+
+def _json(text: str, array_allowed: bool, path: Path, what: str) -> Table:
+    """Rows of a JSON array of objects (``.json`` only) or of JSON lines."""
+    blank = 0
+    if array_allowed and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"cannot read {what} {path}: not valid JSON ({exc})") from None
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                blank += 1
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"cannot read {what} {path}: line {lineno} is not valid JSON ({exc.msg})"
+                ) from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise ValueError(
+            f"cannot read {what} {path}: it must hold JSON objects (one per line, or an array of objects)"
+        )
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return Table(rows, list(columns), blank)
+
+
+def _parquet(path: Path, what: str) -> Table:
+    import pyarrow.parquet  # noqa: PLC0415 - a dependency of datasets, only needed here
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a bad file for the user
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read {what} {path} as Parquet: {type(exc).__name__}: {first}") from None
+    return Table(table.to_pylist(), list(table.column_names))
+
+
+def read_table(path: str | Path, *, what: str = "data file") -> Table:
+    """Read a CSV/TSV/JSON/JSON-lines/Parquet file (see the module docstring) into a :class:`Table`.
+
+    ``what`` says what the file is for (``"MBPP file"``, ``"SFT data file"``) in error
+    messages. Raises a one-line ``FileNotFoundError`` when ``path`` does not exist and a
+    one-line ``ValueError`` when it is a folder, has an unsupported suffix, is malformed or
+    holds no rows.
+    """
+    file = Path(path).expanduser()
+    suffix, gzipped = _format(file, what)
+    if not file.exists():
+        raise FileNotFoundError(f"{what} not found: {file}")
+    if not file.is_file():
+        raise ValueError(f"{what} {file} is a folder, not a file")
+    if suffix == ".parquet":
+        table = _parquet(file, what)
+    else:
+        text = _text(file, gzipped, what)
+        if not text.strip():
+            raise ValueError(f"{what} {file} has no rows (the file is empty)")
+        if suffix in (".csv", ".tsv"):
+            table = _delimited(text, suffix == ".tsv", file, what)
+        else:
+            table = _json(text, suffix == ".json", file, what)
+    if not table.rows:
+        raise ValueError(f"{what} {file} has no rows")
+    return table
+
+
+def read_records(path: str | Path, *, what: str = "data file") -> list[dict]:
+    """The records of a CSV/TSV/JSON/JSON-lines/Parquet file, one dict per row, in file order.
+
+    The one local-file reader of the package: see :func:`read_table` for the errors.
+    """
+    return read_table(path, what=what).rows
