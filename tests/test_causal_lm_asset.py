@@ -90,6 +90,19 @@ def test_gguf_asset_converts_once_then_loads_cache(cache, tiny_asset, caplog):
     assert half.dtype == torch.bfloat16 and len(tiny_asset) == 1
 
 
+def test_tokenizer_of_a_gguf_asset_and_the_pad_rule(cache, tiny_asset):
+    """``load_tokenizer`` reads a GGUF asset's cached copy (converted once) and, like
+    ``load_causal_lm``, gives a tokenizer without pad token its eos token as pad."""
+    tok = models.load_tokenizer("tiny")
+    assert len(tiny_asset) == 1 and (cache / "models" / "tiny-9.9" / "tokenizer.json").is_file()
+    assert tok.pad_token == tok.eos_token == "</s>"
+    _, lm_tok = load_causal_lm("tiny")
+    assert len(tiny_asset) == 1  # the cache is reused
+    assert lm_tok("the cat sat")["input_ids"] == tok("the cat sat")["input_ids"]
+    with pytest.raises(models.ModelLoadError, match="could not load model"):
+        models.load_tokenizer(str(cache / "nowhere"))
+
+
 def test_interrupted_conversion_leaves_no_cache(cache, tiny_asset, monkeypatch):
     def interrupted(folder, gguf_file):  # the model is saved, then the tokenizer save dies
         tiny_asset.append((folder, gguf_file))

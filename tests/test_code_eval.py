@@ -88,11 +88,11 @@ def test_humaneval_from_local_jsonl_and_gz(tmp_path, humaneval):
 
 
 def test_humaneval_user_errors(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="HumanEval file not found"):
         load_humaneval(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "x", "prompt": "", "test": "", "entry_point": "f"}\n{oops\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2 is not valid JSON"):
         load_humaneval(bad)
     bad.write_text('{"task_id": "x", "prompt": ""}\n')
     with pytest.raises(ValueError, match="lacks field.*test, entry_point"):

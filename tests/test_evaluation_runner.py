@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -12,11 +13,15 @@ import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from balora.evaluation import runner
+from balora import models
+from balora.evaluation import chat_backends, generate, runner
+from balora.evaluation import code as code_eval
+from balora.evaluation import math as math_eval
+from balora.evaluation.chat_backends import JudgeError
 from balora.evaluation.cli import add_evaluate_parser, evaluate_options, format_metrics, run_evaluate
 from balora.evaluation.code import CodeExecutionNotAllowed, CodeProblem
-from balora.evaluation.judge import JudgeError
-from balora.evaluation.perplexity import sliding_window_perplexity
+from balora.evaluation.mt_bench import eval_mt_bench
+from balora.evaluation.perplexity import eval_perplexity, sliding_window_perplexity
 from balora.data.sft.formats import render_messages, render_prompt
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs POSIX")
@@ -112,7 +117,7 @@ def _tiny_ids(tokenizer):
 
 def test_adapter_directory_round_trip(tiny_causal_lm_dir, trained_adapter):
     peft, path = trained_adapter
-    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, str(path))
+    model, tokenizer = models.load_model_for_eval(tiny_causal_lm_dir, str(path))
     assert isinstance(model, PeftModel) and not model.training
     ids = _tiny_ids(tokenizer)
     with torch.no_grad():
@@ -131,9 +136,9 @@ def test_run_directory_as_adapter(tiny_causal_lm_dir, trained_adapter, tmp_path)
         (run_dir / "adapter" / f.name).write_bytes(f.read_bytes())
     (run_dir / "config.yaml").write_text(yaml.safe_dump(
         {"family": "generation", "model": {"name": tiny_causal_lm_dir, "max_length": 64}}))
-    source = runner.resolve_model_source(None, run_dir)  # base model read from config.yaml
+    source = models.resolve_model_source(None, run_dir)  # base model read from config.yaml
     assert source.base == tiny_causal_lm_dir and source.adapter_dir == run_dir / "adapter"
-    model, tokenizer = runner.load_model_for_eval(None, str(run_dir))
+    model, tokenizer = models.load_model_for_eval(None, str(run_dir))
     ids = _tiny_ids(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, peft(input_ids=ids).logits)
@@ -141,15 +146,15 @@ def test_run_directory_as_adapter(tiny_causal_lm_dir, trained_adapter, tmp_path)
 
 def test_loading_user_errors(tmp_path, tiny_causal_lm_dir):
     with pytest.raises(ValueError, match="adapter directory not found"):
-        runner.resolve_model_source("smollm2", tmp_path / "missing")
+        models.resolve_model_source("smollm2", tmp_path / "missing")
     with pytest.raises(ValueError, match="neither a PEFT adapter directory"):
-        runner.resolve_model_source("smollm2", tmp_path)
+        models.resolve_model_source("smollm2", tmp_path)
     run_dir = tmp_path / "r8-lora"
     (run_dir / "adapter").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"family": "classification", "model": {"name": "minilm"}}))
     with pytest.raises(ValueError, match="classification run"):
-        runner.resolve_model_source(None, run_dir)
-    assert runner.resolve_model_source(None, None).base == "smollm2"
+        models.resolve_model_source(None, run_dir)
+    assert models.resolve_model_source(None, None).base == "smollm2"
     with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
         runner.run_evaluation(tiny_causal_lm_dir, None, "gsm9k", tmp_path)
 
@@ -174,26 +179,43 @@ def test_gsm8k_on_local_jsonl(tiny_causal_lm_dir, tmp_path):
 def test_gsm8k_prompts_and_scoring(tiny_causal_lm_dir, tmp_path, monkeypatch):
     """The prompts are training's render_prompt; right / wrong / missing answers are counted."""
     data = _write_jsonl(tmp_path / "gsm8k.jsonl", GSM_ROWS)
-    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, None)
+    model, tokenizer = models.load_model_for_eval(tiny_causal_lm_dir, None)
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, *, sampling, add_special_tokens, **kwargs):
-        seen.update(prompts=prompts, sampling=sampling, add_special_tokens=add_special_tokens)
+    def fake_generate(model, tokenizer, prompts, *, sampling, **kwargs):
+        seen.update(prompts=prompts, sampling=sampling, kwargs=kwargs)
         return [["The answer is 3."], ["2 boxes hold 9 pens."], ["I do not know."]]
 
-    monkeypatch.setattr(runner, "generate_texts", fake_generate)
+    monkeypatch.setattr(math_eval, "generate_texts", fake_generate)
     records = tmp_path / "records.jsonl"
-    metrics = runner.eval_math(model, tokenizer, "gsm8k", path=data, max_new_tokens=7, progress=False,
+    metrics = math_eval.eval_math(model, tokenizer, "gsm8k", path=data, max_new_tokens=7, progress=False,
                                records_path=records)
     assert seen["prompts"] == [render_prompt(tokenizer, r["question"]) for r in GSM_ROWS]
     assert seen["sampling"].do_sample is False and seen["sampling"].max_new_tokens == 7
-    assert seen["add_special_tokens"] is False  # the chat template already holds them
+    assert "add_special_tokens" not in seen["kwargs"]  # generate_texts applies training's rule
     assert (metrics["correct"], metrics["total"], metrics["no_answer"]) == (1, 3, 1)
     assert metrics["accuracy"] == pytest.approx(1 / 3)
     rows = [json.loads(line) for line in records.read_text().splitlines()]
     assert [r["correct"] for r in rows] == [True, False, False]
     with pytest.raises(FileExistsError):  # records are never overwritten
-        runner.eval_math(model, tokenizer, "gsm8k", path=data, progress=False, records_path=records)
+        math_eval.eval_math(model, tokenizer, "gsm8k", path=data, progress=False, records_path=records)
+
+
+def test_evaluate_math_scores_given_rows(tiny_causal_lm_dir, tmp_path, monkeypatch):
+    """The one scorer takes rows (question, final_answer) from any source, e.g. a training run."""
+    model, tokenizer = models.load_model_for_eval(tiny_causal_lm_dir, None)
+    monkeypatch.setattr(math_eval, "generate_texts", lambda *a, **k: [["so 8"], ["it is 5"]])
+    rows = [{"question": "4 * 2?", "final_answer": "8"}, {"question": "3 + 3?", "final_answer": "6"}]
+    metrics = math_eval.evaluate_math(model, tokenizer, rows, "gsm8k", progress=False,
+                                      records_path=tmp_path / "predictions.jsonl")
+    assert metrics == {"benchmark": "gsm8k", "accuracy": 0.5, "correct": 1, "total": 2, "no_answer": 0}
+    records = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["generated"], r["correct"]) for r in records] == [
+        ("4 * 2?", "so 8", True), ("3 + 3?", "it is 5", False)]
+    with pytest.raises(ValueError, match="unknown math benchmark"):
+        math_eval.evaluate_math(model, tokenizer, rows, "gsm9k")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        math_eval.evaluate_math(model, tokenizer, rows, batch_size=0)
 
 
 # ----------------------------------------------------------------------------- code
@@ -203,14 +225,14 @@ def test_code_refuses_without_opt_in_before_anything(tiny_causal_lm_dir, tmp_pat
     def boom(*args, **kwargs):
         raise AssertionError("nothing may be generated or loaded without --allow-code-execution")
 
-    monkeypatch.setattr(runner, "generate_texts", boom)
+    monkeypatch.setattr(code_eval, "generate_texts", boom)
     monkeypatch.setattr(runner, "load_source", boom)
-    monkeypatch.setattr(runner, "load_humaneval", boom)
+    monkeypatch.setattr(code_eval, "load_humaneval", boom)
     for benchmark in ("humaneval", "mbpp"):
         with pytest.raises(CodeExecutionNotAllowed, match="--allow-code-execution"):
             runner.run_evaluation(tiny_causal_lm_dir, None, benchmark, tmp_path / "runs")
         with pytest.raises(CodeExecutionNotAllowed):
-            runner.eval_code(None, None, benchmark, allow_code_execution=False)
+            code_eval.eval_code(None, None, benchmark, allow_code_execution=False)
     assert not (tmp_path / "runs").exists()
 
 
@@ -232,7 +254,7 @@ def test_humaneval_random_model_fails_every_sample(tiny_causal_lm_dir, tmp_path)
 def test_humaneval_chat_replies_are_extracted_and_scored(tiny_causal_lm_dir, tmp_path, monkeypatch):
     """A fenced whole-function reply passes, a wrong one fails: pass@1 = 1/2."""
     data = _write_jsonl(tmp_path / "toy.jsonl", HUMANEVAL_ROWS)
-    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, None)
+    model, tokenizer = models.load_model_for_eval(tiny_causal_lm_dir, None)
     seen = {}
 
     def fake_generate(model, tokenizer, prompts, *, sampling, **kwargs):
@@ -241,8 +263,8 @@ def test_humaneval_chat_replies_are_extracted_and_scored(tiny_causal_lm_dir, tmp
         bad = "```python\ndef double(xs):\n    return xs\n```"
         return [[good], [bad]]
 
-    monkeypatch.setattr(runner, "generate_texts", fake_generate)
-    metrics = runner.eval_code(model, tokenizer, "humaneval", path=data, allow_code_execution=True,
+    monkeypatch.setattr(code_eval, "generate_texts", fake_generate)
+    metrics = code_eval.eval_code(model, tokenizer, "humaneval", path=data, allow_code_execution=True,
                                timeout_s=5, progress=False, records_path=tmp_path / "r.jsonl")
     assert metrics["pass@1"] == pytest.approx(0.5)
     assert seen["sampling"].do_sample is False and seen["sampling"].stop_strings == ()
@@ -250,19 +272,19 @@ def test_humaneval_chat_replies_are_extracted_and_scored(tiny_causal_lm_dir, tmp
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert rows[0]["code"] == "def add(a, b):\n    return a + b\n" and rows[0]["status"] == "passed"
     with pytest.raises(ValueError, match="between 1 and samples=1"):
-        runner.eval_code(model, tokenizer, "humaneval", path=data, ks=(1, 10), allow_code_execution=True)
+        code_eval.eval_code(model, tokenizer, "humaneval", path=data, ks=(1, 10), allow_code_execution=True)
 
 
 def test_code_prompts_without_chat_template(smollm2_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     problem = CodeProblem("Toy/0", HUMANEVAL_ROWS[0]["prompt"], HUMANEVAL_ROWS[0]["test"], "add")
-    chat = runner.code_prompt(tokenizer, problem)
-    assert chat == render_prompt(tokenizer, runner.CODE_INSTRUCTIONS["humaneval"].format(prompt=problem.prompt))
+    chat = code_eval.code_prompt(tokenizer, problem)
+    assert chat == render_prompt(tokenizer, code_eval.CODE_INSTRUCTIONS["humaneval"].format(prompt=problem.prompt))
     tokenizer.chat_template = None  # a base model: the raw prompt, cut at the next top-level line
-    assert runner.code_prompt(tokenizer, problem) == problem.prompt
-    greedy = runner._code_sampling(tokenizer, "humaneval", 1, 0.8, 64, seed=0)
+    assert code_eval.code_prompt(tokenizer, problem) == problem.prompt
+    greedy = code_eval._code_sampling(tokenizer, "humaneval", 1, 0.8, 64, seed=0)
     assert not greedy.do_sample and "\ndef " in greedy.stop_strings
-    sampled = runner._code_sampling(tokenizer, "mbpp", 5, 0.6, 64, seed=0)
+    sampled = code_eval._code_sampling(tokenizer, "mbpp", 5, 0.6, 64, seed=0)
     assert (sampled.do_sample, sampled.num_return_sequences, sampled.temperature) == (True, 5, 0.6)
     assert "\nassert" in sampled.stop_strings
 
@@ -281,8 +303,8 @@ def test_perplexity_zero_b_adapter_equals_pretrained(tiny_causal_lm_dir, zero_b_
 
 def test_perplexity_trained_adapter_reports_both(tiny_causal_lm_dir, trained_adapter, corpus_file):
     peft, path = trained_adapter
-    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, str(path))
-    metrics = runner.eval_perplexity(model, tokenizer, str(corpus_file), stride=16, max_length=32, progress=False)
+    model, tokenizer = models.load_model_for_eval(tiny_causal_lm_dir, str(path))
+    metrics = eval_perplexity(model, tokenizer, str(corpus_file), stride=16, max_length=32, progress=False)
     base = LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir).eval()
     kwargs = dict(stride=16, max_length=32, progress=False)
     expected_base = sliding_window_perplexity(base, tokenizer, [TALE], **kwargs).perplexity
@@ -291,8 +313,59 @@ def test_perplexity_trained_adapter_reports_both(tiny_causal_lm_dir, trained_ada
     assert metrics["perplexity"] == pytest.approx(expected_adapted, rel=1e-6)
     assert abs(metrics["perplexity"] - metrics["pretrained_perplexity"]) > 1e-3
     # the adapter is enabled again afterwards
-    assert runner.eval_perplexity(model, tokenizer, str(corpus_file), **kwargs)["perplexity"] == pytest.approx(
+    assert eval_perplexity(model, tokenizer, str(corpus_file), **kwargs)["perplexity"] == pytest.approx(
         expected_adapted, rel=1e-6)
+
+
+class SwapTeacher:
+    """A stand-in teacher whose pre-trained view is another model."""
+
+    def __init__(self, pretrained):
+        self.pretrained, self.entered = pretrained, 0
+
+    @contextlib.contextmanager
+    def active(self, model):
+        self.entered += 1
+        yield self.pretrained
+
+
+def test_perplexity_measures_the_teacher_view(tiny_causal_lm_dir, trained_adapter, corpus_file):
+    peft, _ = trained_adapter
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    other = LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(50.0)
+    kwargs = dict(stride=16, max_length=32, progress=False)
+    teacher = SwapTeacher(other.eval())
+    metrics = eval_perplexity(peft, tokenizer, str(corpus_file), teacher=teacher, **kwargs)
+    assert teacher.entered == 1
+    assert metrics["pretrained_perplexity"] == pytest.approx(
+        sliding_window_perplexity(other, tokenizer, [TALE], **kwargs).perplexity, rel=1e-6)
+    without = eval_perplexity(peft, tokenizer, str(corpus_file), **kwargs)  # disable_adapter() instead
+    assert abs(metrics["pretrained_perplexity"] - without["pretrained_perplexity"]) > 1e-3
+    assert metrics["perplexity"] == pytest.approx(without["perplexity"], rel=1e-6)
+
+
+def test_perplexity_of_an_in_memory_pissa_model_needs_the_teacher(tiny_causal_lm_dir, corpus_file):
+    """PiSSA's base holds W_res = W - A0 B0: disabling the adapter is not the pre-trained model,
+    the snapshot teacher is."""
+    from balora.teacher import SnapshotTeacher
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    kwargs = dict(stride=16, max_length=32, progress=False)
+    original = sliding_window_perplexity(LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir).eval(), tokenizer,
+                                         [TALE], **kwargs).perplexity
+    pissa = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir), LoraConfig(
+        r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa", task_type="CAUSAL_LM"))
+    teacher = SnapshotTeacher(pissa)
+    with torch.no_grad():  # a training step's worth of change to the adapter
+        for name, param in pissa.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
+    with_teacher = eval_perplexity(pissa, tokenizer, str(corpus_file), teacher=teacher, **kwargs)
+    assert with_teacher["pretrained_perplexity"] == pytest.approx(original, rel=1e-4)
+    disabled = eval_perplexity(pissa, tokenizer, str(corpus_file), **kwargs)["pretrained_perplexity"]
+    assert abs(disabled - original) > 1e-3 * original  # W_res alone is another model
 
 
 # ----------------------------------------------------------------------------- MT-Bench
@@ -311,17 +384,17 @@ class FakeJudge:
 
 def test_mt_bench_with_a_judge_backend(tiny_causal_lm_dir, tmp_path, monkeypatch):
     questions = _write_jsonl(tmp_path / "question.jsonl", MT_BENCH_ROWS)
-    model, tokenizer = runner.load_model_for_eval(tiny_causal_lm_dir, None)
+    model, tokenizer = models.load_model_for_eval(tiny_causal_lm_dir, None)
     prompts = []
-    real = runner.generate_texts
+    real = generate.generate_texts
 
     def spy(model, tokenizer, batch, **kwargs):
         prompts.extend(batch)
         return real(model, tokenizer, batch, **kwargs)
 
-    monkeypatch.setattr(runner, "generate_texts", spy)
+    monkeypatch.setattr(generate, "generate_texts", spy)
     judge = FakeJudge()
-    metrics = runner.eval_mt_bench(model, tokenizer, judge, path=questions, max_new_tokens=4, progress=False,
+    metrics = eval_mt_bench(model, tokenizer, judge, path=questions, max_new_tokens=4, progress=False,
                                    records_path=tmp_path / "r.jsonl")
     assert len(judge.calls) == 3 and metrics["judged_turns"] == 3 and metrics["n_questions"] == 2
     assert metrics["per_turn"] == {"1": 7.0, "2": 2.0}
@@ -340,8 +413,8 @@ def test_openai_judge_without_key_fails_before_loading(tiny_causal_lm_dir, tmp_p
     with pytest.raises(JudgeError, match="OPENAI_API_KEY"):
         runner.run_evaluation(tiny_causal_lm_dir, None, "mt-bench", tmp_path)
     with pytest.raises(ValueError, match="--judge-model"):
-        runner.make_judge("local")
-    assert "localhost" in runner._judge_name(runner.make_judge("openai", "m", "http://localhost:8000/v1"))
+        chat_backends.make_judge("local")
+    assert "localhost" in chat_backends.backend_name(chat_backends.make_judge("openai", "m", "http://localhost:8000/v1"))
 
 
 # ----------------------------------------------------------------------------- run dirs and CLI
@@ -414,7 +487,7 @@ def test_full_fine_tuning_run_compares_with_its_base(tiny_causal_lm_dir, corpus_
         tuned.model.layers[0].mlp.down_proj.weight.mul_(50.0)
     tuned.save_pretrained(str(run_dir / "adapter"))
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"family": "generation", "model": {"name": tiny_causal_lm_dir}}))
-    source = runner.resolve_model_source(None, run_dir)
+    source = models.resolve_model_source(None, run_dir)
     assert (source.base, source.adapter_dir, source.full_model_dir) == (tiny_causal_lm_dir, None, run_dir / "adapter")
     kwargs = dict(stride=16, max_length=32, progress=False)
     metrics, _ = runner.run_evaluation(None, run_dir, "perplexity", tmp_path / "runs", corpus=str(corpus_file),

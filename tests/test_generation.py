@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from balora.evaluation.generate import SamplingConfig, generate_texts, truncate_at_stop
+from balora.data.sft import prompt_token_ids, render_messages, render_prompt
+from balora.evaluation.generate import SamplingConfig, chat_reply, generate_texts, truncate_at_stop
 
 # Prompt lengths differ a lot, and the input order is not the length order.
 PROMPTS = [
@@ -104,6 +105,50 @@ def test_stop_string_truncates_and_stops_early(model, tokenizer, one_by_one, mon
     [[cut]] = generate_texts(model, tokenizer, [PROMPTS[0]], sampling=cfg, progress=False)
     assert cut == full[: full.find(stop)]
     assert shapes and shapes[0] < 16  # generate itself stopped early
+
+
+def _prompt_ids(model, monkeypatch) -> list[list[int]]:
+    """Spy on ``model.generate``: the unpadded prompt ids of every row it is given."""
+    seen: list[list[int]] = []
+    real_generate = model.generate
+
+    def spy(*args, **kwargs):
+        for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"]):
+            seen.append(ids[mask.bool()].tolist())
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    return seen
+
+
+def test_default_tokenization_is_trainings(model, tiny_causal_lm_dir, monkeypatch):
+    """Without a chat template the prompt gets the tokenizer's BOS, with one no extra special
+    token: exactly the ids training put before each answer (``prompt_token_ids``)."""
+    tok = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
+    tok.add_bos_token = True  # a tokenizer that adds a BOS (SmolLM2's does not)
+    question = "What is 2 + 2?"
+    seen = _prompt_ids(model, monkeypatch)
+
+    chat = render_prompt(tok, question)
+    generate_texts(model, tok, [chat], sampling=SamplingConfig(max_new_tokens=1), progress=False)
+    assert seen[-1] == prompt_token_ids(tok, question) == tok(chat, add_special_tokens=False)["input_ids"]
+    assert seen[-1][:2] != [tok.bos_token_id] * 2  # the template's <|im_start|> is not doubled
+
+    tok.chat_template = None  # a base model: the Alpaca prompt, with the BOS training added
+    alpaca = render_prompt(tok, question)
+    generate_texts(model, tok, [alpaca], sampling=SamplingConfig(max_new_tokens=1), progress=False)
+    assert seen[-1] == prompt_token_ids(tok, question)
+    assert seen[-1] == [tok.bos_token_id] + tok(alpaca, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_reply_renders_like_training_and_is_greedy(model, tokenizer, monkeypatch):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    prompt = render_messages(tokenizer, messages, add_generation_prompt=True)
+    [[expected]] = generate_texts(model, tokenizer, [prompt], sampling=SamplingConfig(max_new_tokens=5),
+                                  progress=False)
+    seen = _prompt_ids(model, monkeypatch)
+    assert chat_reply(model, tokenizer, messages, max_new_tokens=5) == expected.strip()
+    assert seen == [tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
 
 def test_truncate_at_stop_takes_the_earliest_stop():

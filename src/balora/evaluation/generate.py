@@ -1,8 +1,12 @@
 """Batched text generation with a causal language model (plain or PEFT-wrapped).
 
 ``generate_texts`` takes prompts that are already rendered strings (the caller applies the
-chat template) and returns, per prompt, ``num_return_sequences`` completions holding only the
-newly generated text. Prompts are sorted by token length (longest first, so an out-of-memory
+chat template, e.g. with :func:`balora.data.sft.render_prompt`) and returns, per prompt,
+``num_return_sequences`` completions holding only the newly generated text. The prompts are
+tokenized as training tokenizes them: no extra special tokens after a chat template (it holds
+them already), the tokenizer's own BOS for the plain-text (Alpaca) fallback. ``chat_reply`` is
+the greedy reply to a chat, through the same loop; every local answer of the evaluation
+(math, code, MT-Bench answers, a local judge) is generated here. Prompts are sorted by token length (longest first, so an out-of-memory
 error shows up on the first batch), left-padded per batch so that every prompt ends in the
 same column, and the results are put back in input order. Everything else is
 ``model.generate`` with the KV cache on.
@@ -23,7 +27,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["SamplingConfig", "generate_texts", "truncate_at_stop"]
+from balora.data.sft.formats import has_chat_template, render_messages
+from balora.regularizers.common import check_int
+
+__all__ = ["SamplingConfig", "chat_reply", "generate_texts", "truncate_at_stop"]
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,10 @@ class SamplingConfig:
             object.__setattr__(self, "stop_strings", (self.stop_strings,))
         else:
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        _check_int("top_k", self.top_k, minimum=0)
-        _check_int("num_return_sequences", self.num_return_sequences, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        check_int(self.max_new_tokens, "max_new_tokens", minimum=1)
+        check_int(self.top_k, "top_k", minimum=0)
+        check_int(self.num_return_sequences, "num_return_sequences", minimum=1)
+        check_int(self.seed, "seed", minimum=0)
         if not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
         if not _is_number(self.temperature) or self.temperature <= 0:
@@ -88,11 +95,6 @@ class SamplingConfig:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -180,7 +182,7 @@ def generate_texts(
     *,
     sampling: SamplingConfig = SamplingConfig(),
     batch_size: int = 8,
-    add_special_tokens: bool = False,
+    add_special_tokens: bool | None = None,
     progress: bool = True,
     desc: str = "generating",
 ) -> list[list[str]]:
@@ -189,18 +191,22 @@ def generate_texts(
     Returns one entry per prompt, in input order, each a list of
     ``sampling.num_return_sequences`` completions (only the new text, special tokens skipped,
     cut before the first stop string). Works for any causal LM with ``generate`` (PEFT models
-    included). ``add_special_tokens=False`` because chat templates already contain them.
+    included). ``add_special_tokens=None`` is training's rule, ``not has_chat_template(tokenizer)``:
+    a chat template already holds the special tokens, a plain-text prompt gets the BOS. Pass a
+    bool only for prompts that training did not render.
     """
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, got a single string; wrap it in a list")
     prompts = list(prompts)
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be strings (apply the chat template first)")
-    _check_int("batch_size", batch_size, minimum=1)
+    check_int(batch_size, "batch_size")
     if not isinstance(sampling, SamplingConfig):
         raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     if not prompts:
         return []
+    if add_special_tokens is None:
+        add_special_tokens = not has_chat_template(tokenizer)
     results: list[list[str] | None] = [None] * len(prompts)
     order = _length_order(tokenizer, prompts, add_special_tokens)
     with (
@@ -217,3 +223,11 @@ def generate_texts(
                 results[i] = completions
             bar.update(len(batch))
     return results  # type: ignore[return-value]
+
+
+def chat_reply(model, tokenizer, messages: list[dict[str, str]], *, max_new_tokens: int = 256) -> str:
+    """The greedy reply (stripped) to a chat ``[{"role": ..., "content": ...}, ...]``, rendered as
+    training renders it (:func:`balora.data.sft.render_messages` with the generation prompt)."""
+    prompt = render_messages(tokenizer, messages, add_generation_prompt=True)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    return generate_texts(model, tokenizer, [prompt], sampling=sampling, progress=False)[0][0].strip()

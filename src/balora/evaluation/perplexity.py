@@ -1,4 +1,10 @@
-"""Sliding-window perplexity of a causal language model, and the corpora to measure it on.
+"""Perplexity (paper Table 13): the sliding window, the corpora, and the benchmark.
+
+* :func:`sliding_window_perplexity` -- the measurement (below);
+* :func:`load_perplexity_texts` -- the corpora: ``grimm-tales`` (offline), ``wikitext-2`` (hub),
+  local ``.txt`` files;
+* :func:`eval_perplexity` -- the perplexity of the evaluated AND of the pre-trained model, where
+  :func:`pretrained_view` says which model is the pre-trained one.
 
 ``sliding_window_perplexity`` follows the transformers guide "Perplexity of fixed-length
 models": the texts are joined with ``"\\n\\n"`` and tokenized once into ``N`` tokens; windows
@@ -16,16 +22,32 @@ models that support ``logits_to_keep`` only compute the logits of the positions 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "load_perplexity_texts", "sliding_window_perplexity", "window_spans"]
+from balora.data.hub import load_hub_dataset
+from balora.regularizers.common import check_int
+from balora.run_dir import write_jsonl
+
+__all__ = [
+    "PerplexityResult",
+    "eval_perplexity",
+    "load_perplexity_texts",
+    "pretrained_view",
+    "sliding_window_perplexity",
+    "window_spans",
+]
 
 DEFAULT_MAX_LENGTH = 1024
 WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
@@ -74,10 +96,9 @@ def _model_context(model) -> int | None:
 
 
 def _check_args(max_length: int, stride: int, batch_size: int) -> None:
-    limits = (("max_length", max_length, 2), ("stride", stride, 1), ("batch_size", batch_size, 1))
-    for name, value, minimum in limits:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_int(max_length, "max_length", minimum=2)
+    check_int(stride, "stride")
+    check_int(batch_size, "batch_size")
     if stride > max_length:
         raise ValueError(
             f"stride ({stride}) must be <= max_length ({max_length}), or some tokens are never scored"
@@ -189,17 +210,12 @@ def _read_txt(path: Path) -> list[str]:
 
 def _load_wikitext2() -> list[str]:
     """The test split of WikiText-2 (raw) from the Hugging Face hub, lines as in the guide."""
-    import datasets
-
     repo, config, split = WIKITEXT
-    try:
-        data = datasets.load_dataset(repo, config, split=split)
-    except Exception as err:  # network / hub errors have deep traces; say what to do instead
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"could not load {repo} ({config}) from the Hugging Face hub: {first_line}; "
-            "it needs the internet (use 'grimm-tales' offline)"
-        ) from None
+    data = load_hub_dataset(
+        repo, config, split=split, what=f"WikiText-2 ({config})",
+        offline_hint="It needs the internet; offline, use corpus='grimm-tales' in Python "
+                     "(--corpus grimm-tales on the command line) or a local .txt file",
+    )
     return list(data["text"])
 
 
@@ -224,3 +240,69 @@ def load_perplexity_texts(name_or_path: str) -> list[str]:
         return _read_txt(path)
     known = ", ".join([*ORANGE_TEXTS, "wikitext-2"])
     raise ValueError(f"unknown perplexity corpus {name!r}: not a file or folder; known names: {known}")
+
+
+@contextlib.contextmanager
+def pretrained_view(model, teacher=None) -> Iterator[Any]:
+    """The pre-trained model inside the block.
+
+    * with a ``teacher`` (a :class:`balora.teacher.SnapshotTeacher` of an in-memory model):
+      ``teacher.active(model)``, the model with its initial adapter swapped in. This is the one
+      right view of a PiSSA model built in this process, whose base weights hold
+      ``W_res = W - A0 B0``: there, disabling the adapter is NOT the pre-trained model;
+    * else a ``PeftModel`` with its adapter disabled: right for LoRA, and for any adapter saved
+      in LoRA format and loaded back (PiSSA included, it then sits on the original weights);
+    * else the model itself.
+    """
+    from peft import PeftModel
+
+    if teacher is not None:
+        with teacher.active(model) as pretrained:
+            yield pretrained
+    elif isinstance(model, PeftModel):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def eval_perplexity(
+    model,
+    tokenizer,
+    corpus: str = "grimm-tales",
+    stride: int = 512,
+    *,
+    max_length: int | None = None,
+    batch_size: int = 1,
+    teacher=None,
+    pretrained=None,
+    progress: bool = True,
+    records_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Sliding-window perplexity of the model and of the pre-trained model (paper Table 13).
+
+    The pre-trained model is ``pretrained`` when given (e.g. the base of a fully fine-tuned
+    model), else :func:`pretrained_view` of ``model`` and ``teacher``; a plain model without
+    adapter or teacher is its own pre-trained model and is measured once. Returns
+    ``{"corpus", "perplexity", "nll", "tokens", "windows", "pretrained_perplexity",
+    "pretrained_nll", "stride", "max_length"}``; the records (written to ``records_path`` when
+    given) are one row per model.
+    """
+    from peft import PeftModel
+
+    texts = load_perplexity_texts(corpus)
+    kwargs = dict(max_length=max_length, stride=stride, batch_size=batch_size, progress=progress)
+    adapted = sliding_window_perplexity(model, tokenizer, texts, **kwargs)
+    if pretrained is not None:
+        base = sliding_window_perplexity(pretrained, tokenizer, texts, **kwargs)
+    elif teacher is not None or isinstance(model, PeftModel):
+        with pretrained_view(model, teacher) as view:
+            base = sliding_window_perplexity(view, tokenizer, texts, **kwargs)
+    else:
+        base = adapted
+    if records_path is not None:
+        write_jsonl(records_path, [{"model": name, **dataclasses.asdict(result)}
+                                   for name, result in (("evaluated", adapted), ("pre-trained", base))])
+    return {"corpus": str(corpus), "perplexity": adapted.perplexity, "nll": adapted.nll, "tokens": adapted.tokens,
+            "windows": adapted.windows, "pretrained_perplexity": base.perplexity, "pretrained_nll": base.nll,
+            "stride": stride, "max_length": max_length}

@@ -1,19 +1,14 @@
-"""MT-Bench-style "LLM as a judge" grading (Zheng et al., 2023, single-answer grading).
+"""MT-Bench (Zheng et al., 2023, single-answer grading): the questions, the model's answers,
+the judge prompts, the rating parser, and the benchmark.
 
-A judge model reads a question and an assistant's answer, explains its assessment, and ends with
-a rating on a 1-10 scale written strictly as ``Rating: [[5]]``. Four prompt variants follow the
-published format:
+A judge model (a :class:`balora.evaluation.chat_backends.ChatBackend`) reads a question and an
+assistant's answer, explains its assessment, and ends with a rating on a 1-10 scale written
+strictly as ``Rating: [[5]]``. Four prompt variants follow the published format:
 
 * ``single``          -- first turn, open-ended categories (writing, roleplay, ...);
 * ``single-ref``      -- first turn, graded against a reference answer (math, reasoning, coding);
 * ``multi-turn``      -- second turn, graded in the context of the whole two-turn conversation;
 * ``multi-turn-ref``  -- the same with the reference answers of both turns.
-
-Two chat backends implement :class:`ChatBackend`:
-
-* :class:`OpenAICompatibleBackend` -- any ``/chat/completions`` HTTP server (a hosted API, or a
-  local vLLM / llama.cpp / TGI server), using only the standard library;
-* :class:`LocalModelBackend` -- a transformers causal LM with a chat template, generating greedily.
 
 Typical use::
 
@@ -22,284 +17,52 @@ Typical use::
     judge = OpenAICompatibleBackend("https://api.example.com/v1", "judge-model")
     result = judge_answers(judge, questions, answers)
     result.mean_score, result.per_category, result.write_jsonl("judgments.jsonl")
+
+:func:`eval_mt_bench` does all of it for ``balora evaluate mt-bench``: the evaluated model answers
+in training's prompt format (:func:`balora.evaluation.generate.chat_reply`).
 """
 
 from __future__ import annotations
 
-import http.client
+import functools
 import json
-import logging
 import math
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, NoReturn, Protocol, runtime_checkable
+from typing import Any
 
 from tqdm.auto import tqdm
+
+from balora.data.files import read_records
+from balora.data.hub import load_hub_dataset
+from balora.regularizers.common import check_int
+from balora.run_dir import write_jsonl
+
+from .chat_backends import ChatBackend, Message, backend_name, make_judge
+from .generate import chat_reply
 
 __all__ = [
     "JUDGE_PROMPTS",
     "MT_BENCH_HUB_ID",
     "REFERENCE_CATEGORIES",
-    "ChatBackend",
     "JudgePrompt",
-    "JudgeError",
     "JudgeRecord",
     "JudgeResult",
-    "LocalModelBackend",
     "MTBenchQuestion",
-    "OpenAICompatibleBackend",
     "answer_questions",
     "build_judge_messages",
+    "eval_mt_bench",
     "judge_answers",
     "load_mt_bench_questions",
     "parse_rating",
 ]
 
-logger = logging.getLogger("balora")
-
 MT_BENCH_HUB_ID = "HuggingFaceH4/mt_bench_prompts"
 #: Categories graded against a reference answer (as in the paper's FastChat implementation).
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
-
-Message = dict[str, str]
-
-
-class JudgeError(ValueError):
-    """A judge backend failed: bad credentials, an HTTP error, an unreadable reply, no server."""
-
-
-@runtime_checkable
-class ChatBackend(Protocol):
-    """Anything that turns a chat (``[{"role": ..., "content": ...}, ...]``) into a reply string."""
-
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> str:
-        """Return the assistant's reply to ``messages`` (at most ``max_tokens`` new tokens)."""
-        ...
-
-
-# --------------------------------------------------------------------------------------------
-# OpenAI-compatible HTTP backend
-# --------------------------------------------------------------------------------------------
-
-_MAX_BACKOFF_S = 60.0
-
-
-class OpenAICompatibleBackend:
-    """A judge (or answerer) behind an OpenAI-compatible ``POST {base_url}/chat/completions``.
-
-    The API key is read once from the environment variable ``api_key_env`` and sent as
-    ``Authorization: Bearer <key>``; it never appears in logs, ``repr`` or error messages.
-    ``require_key=False`` allows local servers that need no key (the header is then omitted
-    when the variable is unset). HTTP 429, 5xx, connection resets and time-outs are retried up to
-    ``max_retries`` times, waiting ``backoff_s * 2**attempt`` seconds (or the server's
-    ``Retry-After``, at most 60 s); any other failure raises :class:`JudgeError` at once.
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        api_key_env: str = "OPENAI_API_KEY",
-        require_key: bool = True,
-        timeout_s: float = 60,
-        max_retries: int = 3,
-        backoff_s: float = 1.0,
-    ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise JudgeError(f"base_url must start with http:// or https://, got {base_url!r}")
-        if not model:
-            raise JudgeError("model must be a non-empty model name (as the server knows it)")
-        if max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
-            raise JudgeError("need max_retries >= 0, timeout_s > 0 and backoff_s >= 0")
-        key = os.environ.get(api_key_env, "").strip()
-        if require_key and not key:
-            raise JudgeError(
-                f"environment variable {api_key_env} is not set: export it with your API key "
-                f"(or pass require_key=False for a local server that needs none)"
-            )
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self._key = key
-
-    def __repr__(self) -> str:
-        return f"OpenAICompatibleBackend(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
-
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float) -> str:
-        """POST the chat and return ``choices[0].message.content`` (retrying transient failures)."""
-        body = json.dumps(
-            {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        ).encode("utf-8")
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._parse_reply(self._post(body))
-            except _Transient as exc:
-                if attempt == self.max_retries:
-                    raise JudgeError(
-                        f"{self.url}: gave up after {attempt + 1} attempts, last error: {self._clean(str(exc))}"
-                    ) from None
-                delay = exc.retry_after if exc.retry_after is not None else self.backoff_s * 2**attempt
-                delay = min(delay, _MAX_BACKOFF_S)
-                logger.warning("judge request failed (%s); retrying in %.1f s", self._clean(str(exc)), delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _post(self, body: bytes) -> bytes:
-        """One HTTP attempt; raise :class:`_Transient` (retry) or :class:`JudgeError` (give up)."""
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return response.read()
-        except urllib.error.HTTPError as err:
-            self._raise_http(err)
-        except OSError as err:  # URLError wraps socket errors raised while connecting
-            reason = err.reason if isinstance(err, urllib.error.URLError) else err
-            if isinstance(reason, (ConnectionResetError, ConnectionAbortedError, TimeoutError)):
-                raise _Transient(f"{type(reason).__name__}: {reason}") from None
-            raise JudgeError(
-                f"{self.url}: cannot connect ({self._clean(str(reason))}); is the server running?"
-            ) from None
-        except http.client.HTTPException as err:  # e.g. a connection closed mid-reply
-            raise _Transient(f"{type(err).__name__}: {err}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _raise_http(self, err: urllib.error.HTTPError) -> NoReturn:
-        """Turn an HTTP error status into :class:`_Transient` or :class:`JudgeError`."""
-        detail = _error_detail(err)
-        if err.code == 429 or 500 <= err.code < 600:
-            raise _Transient(f"HTTP {err.code}: {detail}", _retry_after(err)) from None
-        hint = " (check the API key in " + self.api_key_env + ")" if err.code in (401, 403) else ""
-        raise JudgeError(f"{self.url}: HTTP {err.code}{hint}: {self._clean(detail)}") from None
-
-    def _parse_reply(self, raw: bytes) -> str:
-        """Extract the reply text from a chat-completions JSON body."""
-        try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            snippet = self._clean(raw[:120].decode("utf-8", "replace"))
-            raise JudgeError(
-                f"{self.url}: reply is not a chat-completions JSON object with choices[0].message.content: {snippet!r}"
-            ) from None
-        if not isinstance(content, str):
-            raise JudgeError(f"{self.url}: choices[0].message.content is {type(content).__name__}, not text")
-        return content
-
-    def _clean(self, text: str) -> str:
-        """One line, at most 200 characters, with the API key masked (servers may echo it)."""
-        if self._key:
-            text = text.replace(self._key, "***")
-        text = " ".join(text.split())
-        return text if len(text) <= 200 else text[:197] + "..."
-
-
-class _Transient(Exception):
-    """A failure worth retrying (429, 5xx, reset, time-out)."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def _error_detail(err: urllib.error.HTTPError) -> str:
-    """The server's error message (``{"error": {"message": ...}}`` or raw text), else the reason."""
-    try:
-        raw = err.read().decode("utf-8", "replace")
-    except OSError:
-        raw = ""
-    try:
-        payload = json.loads(raw)
-        error = payload.get("error", payload) if isinstance(payload, dict) else payload
-        message = error.get("message") if isinstance(error, dict) else error
-        if message:
-            return str(message)
-    except ValueError:
-        pass
-    return raw.strip() or str(err.reason)
-
-
-def _retry_after(err: urllib.error.HTTPError) -> float | None:
-    """The ``Retry-After`` header in seconds, when it is a number."""
-    value = err.headers.get("Retry-After") if err.headers else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-# --------------------------------------------------------------------------------------------
-# Local transformers backend
-# --------------------------------------------------------------------------------------------
-
-
-class LocalModelBackend:
-    """A transformers causal LM as judge or answerer.
-
-    The chat is rendered with the tokenizer's chat template (``add_generation_prompt=True``),
-    ``model.generate`` decodes greedily with the KV cache, and only the new tokens are returned,
-    special tokens removed. ``max_new_tokens`` caps every reply, whatever ``max_tokens`` a caller
-    asks for. Being callable (``backend(messages)``), it can be the ``answer_fn`` of
-    :func:`answer_questions`.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, *, max_new_tokens: int = 512) -> None:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "the tokenizer has no chat template: use an instruction-tuned model's tokenizer, "
-                "or set tokenizer.chat_template"
-            )
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-
-    def __call__(self, messages: list[Message]) -> str:
-        """Answer ``messages`` greedily with up to ``max_new_tokens`` tokens."""
-        return self.complete(messages, max_tokens=self.max_new_tokens, temperature=0.0)
-
-    def complete(self, messages: list[Message], *, max_tokens: int, temperature: float = 0.0) -> str:
-        """Greedy reply of at most ``min(max_tokens, max_new_tokens)`` tokens.
-
-        ``temperature`` is accepted for the :class:`ChatBackend` protocol and ignored: decoding
-        is always greedy, so judgments are reproducible.
-        """
-        import torch
-
-        inputs = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        input_ids = inputs["input_ids"].to(self.model.device)  # (1, prompt_len)
-        attention_mask = inputs["attention_mask"].to(self.model.device)  # (1, prompt_len)
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                output = self.model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask,
-                    max_new_tokens=max(1, min(max_tokens, self.max_new_tokens)),
-                    do_sample=False, use_cache=True, pad_token_id=pad_id,
-                )  # (1, prompt_len + new_len)
-        finally:
-            self.model.train(was_training)
-        new_tokens = output[0, input_ids.shape[1]:]
-        return self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,25 +191,24 @@ def load_mt_bench_questions(path: str | os.PathLike | None = None,
     when ``path`` is given, from a FastChat ``question.jsonl`` (one JSON object a line with
     ``question_id``, ``category``, ``turns`` and optional ``reference``). ``max_questions`` keeps
     the first N."""
-    if max_questions is not None and max_questions < 1:
-        raise ValueError(f"max_questions must be >= 1, got {max_questions}")
-    rows = _hub_rows() if path is None else _jsonl_rows(Path(path))
+    if max_questions is not None:
+        check_int(max_questions, "max_questions")
+    if path is None:
+        rows = _hub_rows()
+    else:
+        rows = [(f"{path}: row {i}", row)
+                for i, row in enumerate(read_records(path, what="MT-Bench question file"), start=1)]
     questions = [_to_question(row, where) for where, row in rows]
     return questions[:max_questions] if max_questions is not None else questions
 
 
 def _hub_rows() -> list[tuple[str, dict]]:
     """Hub rows renamed to FastChat's field names, each with a location for error messages."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(MT_BENCH_HUB_ID, split="train")
-    except Exception as exc:  # noqa: BLE001 -- any failure here means "no hub data"
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ValueError(
-            f"could not load MT-Bench from the hub ({MT_BENCH_HUB_ID}): {type(exc).__name__}: {first} "
-            f"-- without internet, pass a local FastChat question.jsonl as path=..."
-        ) from None
+    ds = load_hub_dataset(
+        MT_BENCH_HUB_ID, split="train", what="MT-Bench",
+        offline_hint="Without internet, pass a local FastChat question.jsonl (path=... in Python, "
+                     "--data on the command line)",
+    )
     missing = {"prompt", "category", "prompt_id"} - set(ds.column_names)
     if missing:
         raise ValueError(f"{MT_BENCH_HUB_ID}: expected columns prompt, category, prompt_id; missing {sorted(missing)}")
@@ -456,27 +218,6 @@ def _hub_rows() -> list[tuple[str, dict]]:
           "reference": row.get("reference")})
         for i, row in enumerate(ds)
     ]
-
-
-def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
-    """Parsed JSONL lines (blank lines skipped), each with ``path:line`` for error messages."""
-    if not path.is_file():
-        raise ValueError(f"MT-Bench question file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {lineno} is not a JSON object")
-            rows.append((f"{path}: line {lineno}", row))
-    if not rows:
-        raise ValueError(f"{path}: no questions (expected one JSON object a line)")
-    return rows
 
 
 def _to_question(row: dict, where: str) -> MTBenchQuestion:
@@ -631,3 +372,47 @@ def judge_answers(backend: ChatBackend, questions: Sequence[MTBenchQuestion], an
                                            parse_rating(judgment), judgment, name))
                 bar.update(1)
     return JudgeResult.from_records(records)
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def eval_mt_bench(
+    model,
+    tokenizer,
+    judge: str | ChatBackend = "openai",
+    judge_model: str | None = None,
+    base_url: str | None = None,
+    path: str | os.PathLike | None = None,
+    max_questions: int | None = None,
+    *,
+    max_new_tokens: int = 1024,
+    progress: bool = True,
+    records_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """MT-Bench: the model answers every turn (greedy, training's prompt format), the judge
+    rates each turn 1-10.
+
+    ``judge`` is ``"openai"`` / ``"local"`` (see :func:`balora.evaluation.chat_backends.make_judge`)
+    or a ready backend. Returns the judge summary (``mean_score``, ``per_category``,
+    ``per_turn``, ``unparsed``, ``judged_turns``) plus ``n_questions`` and the judge; one record
+    per graded turn.
+    """
+    if max_questions is not None:
+        check_int(max_questions, "max_questions")
+    check_int(max_new_tokens, "max_new_tokens")
+    backend = judge if not isinstance(judge, str) else make_judge(judge, judge_model, base_url)
+    questions = load_mt_bench_questions(path, max_questions=max_questions)
+    answer = functools.partial(chat_reply, model, tokenizer, max_new_tokens=max_new_tokens)
+    answers = answer_questions(answer, questions, progress=progress)
+    result = judge_answers(backend, questions, answers, progress=progress)
+    turns = {(q.question_id, t + 1): (q.turns[t], a[t]) for q, a in zip(questions, answers) for t in range(len(a))}
+    rows = []
+    for r in result.records:
+        question, reply = turns[(r.question_id, r.turn)]
+        rows.append({**r.to_dict(), "question": question, "answer": reply})
+    if records_path is not None:
+        write_jsonl(records_path, rows)
+    return {**result.summary(), "n_questions": len(questions), "judge": backend_name(backend)}
