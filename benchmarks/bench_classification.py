@@ -42,7 +42,7 @@ def build(mode: str, args):
     from balora.adapters import apply_method
     from balora.config import AdapterConfig, RegularizerConfig
     from balora.models import load_sequence_classifier, load_tokenizer
-    from balora.objectives.classification import ClassificationRegularizers
+    from balora.objectives import ClassificationObjective
     from balora.data import encode, load_task
     from balora.teacher import SnapshotTeacher
     from balora.trainer import BALoRATrainer
@@ -64,23 +64,20 @@ def build(mode: str, args):
     method = "pissa" if mode == "pissa" else "balora"
     model = apply_method(model, AdapterConfig(method=method, rank=args.rank, alpha=args.rank,
                                               target_modules=["query", "key", "value", "dense"]))
-    regs = teacher = None
-    if mode != "pissa":
-        regs = ClassificationRegularizers(RegularizerConfig(), task.num_labels)
-        teacher = SnapshotTeacher(model)
+    objective = ClassificationObjective(None if mode == "pissa" else RegularizerConfig(), task.num_labels,
+                                        teacher_cache=(mode == "balora-cache"))
     trainer = BALoRATrainer(
         model=model,
         args=TrainingArguments(output_dir=tempfile.mkdtemp(prefix="balora-bench-"), report_to=[], use_cpu=True,
                                learning_rate=1e-3, max_steps=10_000, disable_tqdm=True),
-        regularizers=regs, teacher=teacher, teacher_cache=(mode == "balora-cache"),
+        objective=objective, teacher=SnapshotTeacher(model) if mode != "pissa" else None,
     )
     trainer.create_optimizer()
     trainer.state.max_steps = 10_000
     model.train()
     if mode == "balora-cache":  # epoch 1 fills the cache (not timed)
         for batch in batches:
-            trainer.teacher_cache.logits(model, {k: v for k, v in batch.items() if k != "example_id"},
-                                         batch["example_id"])
+            trainer.compute_loss(model, dict(batch))
     return trainer, batches
 
 
@@ -95,15 +92,17 @@ def step(trainer, batch) -> float:
 
 
 class PartTimer:
-    """Wraps a callable and adds up the seconds spent in it (benchmark instrumentation only)."""
+    """Replaces ``owner.name`` by a wrapper that adds up the seconds spent in it while ``on``
+    (benchmark instrumentation only)."""
 
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
-
-    def __getattr__(self, name):  # other attributes of the wrapped object (e.g. .lambdas)
-        return getattr(self.fn.__self__, name)
+    def __init__(self, owner, name):
+        self.owner, self.name, self.fn = owner, name, getattr(owner, name)
+        self.seconds, self.on = 0.0, False
+        setattr(owner, name, self)
 
     def __call__(self, *a, **k):
+        if not self.on:
+            return self.fn(*a, **k)
         start = time.perf_counter()
         try:
             return self.fn(*a, **k)
@@ -112,24 +111,23 @@ class PartTimer:
 
 
 def time_side_by_side(args) -> dict[str, list[float]]:
+    from balora.regularizers import formulas
+
     built = {mode: build(mode, args) for mode in MODES}
-    trainer = built["balora"][0]
-    teacher_timer = PartTimer(trainer.teacher.logits)
-    regularizer_timer = PartTimer(trainer.regularizers.__call__)
-    trainer.teacher.logits = teacher_timer
-    trainer.regularizers = regularizer_timer
+    teacher_timer = PartTimer(built["balora"][0].objective.teacher, "logits")
+    formula_timers = [PartTimer(formulas, name) for name in ("consistency_loss", "covariance_diversity_loss", "svd_loss")]
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for i in range(args.warmup + args.steps):
         for mode in MODES:
             trainer, batches = built[mode]
+            for timer in (teacher_timer, *formula_timers):  # the parts of balora's step only
+                timer.on = mode == "balora" and i >= args.warmup
             seconds = step(trainer, batches[i % len(batches)])
             if i >= args.warmup:
                 times[mode].append(seconds)
-        if i == args.warmup - 1:
-            teacher_timer.seconds = regularizer_timer.seconds = 0.0
     n = args.steps
     parts = {"teacher forward (inside the step)": teacher_timer.seconds / n,
-             "regulariser math (inside the step)": regularizer_timer.seconds / n}
+             "regulariser math (inside the step)": sum(t.seconds for t in formula_timers) / n}
     return times, parts
 
 

@@ -82,8 +82,9 @@ class Mode:
         self.model = apply_method(base, AdapterConfig(method="pissa", rank=args.rank, alpha=args.rank,
                                                       target_modules=PROJ), TaskType.CAUSAL_LM)
         self.model.train()
-        self.teacher = SnapshotTeacher(self.model, shared_modules=()) if name != "pissa" else None
-        self.objective = GenerationObjective(RegularizerConfig(**LAMBDAS), chunk_size=args.chunk_size)
+        self.teacher = SnapshotTeacher(self.model) if name != "pissa" else None
+        self.objective = GenerationObjective(RegularizerConfig(**LAMBDAS), teacher=self.teacher,
+                                             chunk_size=args.chunk_size)
         self.reg = RegularizerConfig(**LAMBDAS).resolved("generation")
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -91,7 +92,7 @@ class Mode:
         if self.name == "pissa":
             return self.model(**batch).loss
         if self.name == "balora":
-            return self.objective(self.model, batch, teacher=self.teacher)[0]
+            return self.objective(self.model, batch)[0]
         return self.authors_loss(batch)
 
     def authors_loss(self, batch) -> torch.Tensor:

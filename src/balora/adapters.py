@@ -23,14 +23,18 @@ logger = logging.getLogger("balora")
 INITIAL_ADAPTER_DIR = "initial_adapter"
 
 
-def apply_method(model: torch.nn.Module, adapter: AdapterConfig, task_type: str = TaskType.SEQ_CLS):
+def apply_method(model: torch.nn.Module, adapter: AdapterConfig, task_type: str | None = None):
     """Return ``model`` ready to train with ``adapter.method``.
 
     ``full``: every parameter trainable, no adapter. Otherwise a ``PeftModel`` whose trainable
     parameters are the adapter (and, for classification, the task head, which PEFT keeps in
-    ``modules_to_save``).
+    ``modules_to_save``). ``task_type`` defaults to the model's: ``CAUSAL_LM`` for a model that
+    generates, ``SEQ_CLS`` otherwise.
     """
     spec = parse_method(adapter.method)
+    if task_type is None:
+        can_generate = getattr(model, "can_generate", None)
+        task_type = TaskType.CAUSAL_LM if callable(can_generate) and can_generate() else TaskType.SEQ_CLS
     if spec.full:
         model.requires_grad_(True)
         return model

@@ -30,8 +30,13 @@ from balora.teacher import SnapshotTeacher
 logger = logging.getLogger("balora")
 
 
-class BALoRATrainer(Trainer):
-    """Trainer whose training loss is a balora objective (task loss + regularisers)."""
+class ObjectiveMixin:
+    """Makes any ``transformers.Trainer`` subclass train with a balora objective.
+
+    ``class MySFTTrainer(ObjectiveMixin, trl.SFTTrainer): pass`` gives TRL's trainer (its data
+    handling, packing, chat templates) the BA-LoRA loss and logging; :class:`BALoRATrainer` is
+    ``ObjectiveMixin`` on the plain ``Trainer``.
+    """
 
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the number of
     # gradient accumulation steps (it would not for models that take loss kwargs otherwise).
@@ -81,3 +86,7 @@ class BALoRATrainer(Trainer):
             if hits is not None:
                 logs["teacher_cache_hits"] = float(hits)
         super().log(logs, start_time)
+
+
+class BALoRATrainer(ObjectiveMixin, Trainer):
+    """Trainer whose training loss is a balora objective (task loss + regularisers)."""
