@@ -198,6 +198,10 @@ def test_exact_svd_is_refused_for_a_trainable_head_and_bad_settings():
         GenerationObjective(constant_reg(svd_solver="qr"))
     with pytest.raises(ValueError, match="labels"):
         GenerationObjective()(model, {"input_ids": batch()["input_ids"]})
+    packed = {k: v for k, v in batch().items() if k != "attention_mask"}
+    packed["position_ids"] = torch.arange(11).repeat(3, 1)
+    with pytest.raises(ValueError, match="packed batches \\(position_ids\\)"):
+        GenerationObjective()(model, packed)
 
 
 def test_teacher_runs_the_decoder_alone_with_identical_hidden_states():

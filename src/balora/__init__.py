@@ -31,6 +31,8 @@ _EXPORTS = {
     "TrainConfig": "balora.config",
     "load_config": "balora.config",
     "apply_method": "balora.adapters",
+    "save_final": "balora.adapters",
+    "save_initial_adapter": "balora.adapters",
     "SnapshotTeacher": "balora.teacher",
     "ClassificationObjective": "balora.objectives",
     "GenerationObjective": "balora.objectives",

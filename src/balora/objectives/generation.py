@@ -44,6 +44,10 @@ from balora.teacher import SnapshotTeacher, unwrap_model
 
 logger = logging.getLogger("balora")
 
+#: Batch keys of packed / padding-free batches (documents separated by position ids, not padding).
+PACKING_KEYS = ("position_ids", "seq_idx", "max_length_q", "max_length_k")
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside PEFT / DDP wrappers."""
     model = unwrap_model(model)
@@ -174,6 +178,10 @@ class GenerationObjective:
         """
         if "labels" not in inputs:
             raise ValueError("generation batches need 'labels' (-100 on prompt and padding tokens)")
+        packed = sorted(k for k in inputs if k in PACKING_KEYS or k.startswith("cu_seq_lens"))
+        if packed:
+            raise ValueError(f"packed batches ({', '.join(packed)}) are not supported by the generation "
+                             "objective: turn packing / padding-free batching off")
         lam = self.weights.at(step, total_steps)
         targets = next_token_targets(inputs["labels"])
         if inputs.get("attention_mask") is not None:
