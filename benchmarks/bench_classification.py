@@ -141,7 +141,8 @@ def memory_child(mode: str, args) -> None:
             step(trainer, batches[i % len(batches)])
 
     before, peak = peak_rss_during(train)
-    snapshot = trainer.teacher.nbytes if trainer.teacher is not None else 0
+    teacher = trainer.objective.teacher
+    snapshot = teacher.nbytes if teacher is not None else 0
     print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "training_peak_bytes": peak, "training_rise_bytes": peak - before,
                       "teacher_snapshot_bytes": snapshot}))

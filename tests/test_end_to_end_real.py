@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from balora.config import load_config
 from balora.models import load_sequence_classifier
-from balora.pipeline import train_classification
+from balora.runs import train_run
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_balora_on_minilm_and_reuters_r8(tmp_path):
         "train.report_to=[]", "data.max_train_examples=64", "data.max_eval_examples=32", "model.max_length=32",
         "regularizers.teacher_cache=true",
     ])
-    result = train_classification(config, progress=False)
+    result = train_run(config, progress=False)
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["task"] == "reuters-r8" and metrics["eval_examples"] == 32
     assert metrics["skipped_rows"] == {"empty line": 2}  # the real files' flaws, reported

@@ -1,8 +1,9 @@
-"""Command line: ``balora train CONFIG.yaml [key=value ...]``, ``balora demo`` and ``balora evaluate``.
+"""Command line: ``balora train CONFIG.yaml [key=value ...]``, ``balora demo``, ``balora evaluate``
+and ``balora config [SECTION]``.
 
-A thin layer over balora.pipeline and balora.demo. User mistakes (a bad config value, a missing
-file, an asset that is not installed) end in one clear line on stderr and exit code 2; ``--debug``
-shows the traceback instead.
+A thin layer over balora.runs, balora.demo, balora.evaluation and balora.config. User mistakes
+(a bad config value, a missing file, an asset that is not installed) end in one clear line on
+stderr and exit code 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from balora.assets import AssetNotInstalled
-from balora.config import ConfigError, load_config
+from balora.config import SECTIONS, ConfigError, describe_config, load_config
 from balora.evaluation.cli import add_evaluate_parser, run_evaluate
 from balora.models import ModelLoadError
 
@@ -41,27 +41,33 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
 
     add_evaluate_parser(sub)
+
+    config = sub.add_parser(
+        "config", help="list every run-config key with its type, default and help",
+        description="Print every key of a run config (type, default, help), grouped by section. A key "
+                    "marked [classification only] or [generation only] must keep its default in a run of "
+                    "the other family; inconsistent combinations are refused when the config is loaded.",
+        epilog="Set keys in a YAML file (section: {key: value}) or on the command line, e.g. "
+               "`balora train configs/reuters-r8-balora.yaml train.learning_rate=1e-4 adapter.rank=16`.",
+    )
+    config.add_argument("section", nargs="?", metavar="SECTION",
+                        help=f"list only this section: {', '.join(('run', *SECTIONS))}")
     return parser
 
 
 def _train(args) -> int:
-    from balora.generation_pipeline import train_generation
-    from balora.pipeline import train_classification
+    from balora.runs import train_run
 
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume takes the run's saved config; do not pass a config or overrides")
-        saved = Path(args.resume) / "config.yaml"
-        family = load_config(saved).family if saved.is_file() else "classification"
-        train = train_generation if family == "generation" else train_classification
-        result = train(None, resume=args.resume, progress=not args.no_progress)
+        result = train_run(None, resume=args.resume, progress=not args.no_progress)
     else:
         if args.config and "=" in args.config:  # only overrides were given
             args.overrides.insert(0, args.config)
             args.config = None
         config = load_config(args.config, args.overrides)
-        train = train_generation if config.family == "generation" else train_classification
-        result = train(config, progress=not args.no_progress)
+        result = train_run(config, progress=not args.no_progress)
     m = result.metrics
     print(f"\nrun directory: {result.run_dir}")
     headline = m.get("headline_metric")
@@ -87,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "evaluate":
             return run_evaluate(args)
+        if args.command == "config":
+            print(describe_config(args.section))
+            return 0
         return _train(args) if args.command == "train" else _demo(args)
     except USER_ERRORS as err:
         if args.debug:

@@ -1,56 +1,145 @@
 """Validated run configuration.
 
-A run is described by :class:`RunConfig`, a tree of small dataclasses that check their values in
-``__post_init__``. YAML files and ``key=value`` command-line overrides are thin layers over them:
-``load_config("run.yaml", ["train.learning_rate=1e-4", "adapter.method=pissa"])``.
+A run is described by :class:`RunConfig`, a tree of small dataclasses that check their own values
+in ``__post_init__``; ``RunConfig`` then cross-checks the sections against each other and against
+the task family, so that every inconsistent combination (a generation-only key in a
+classification run, a setting that the chosen method or loss never reads, ...) fails when the
+config is loaded, with one line naming the key.
+
+YAML files and ``key=value`` command-line overrides are thin layers over the dataclasses:
+``load_config("run.yaml", ["train.learning_rate=1e-4", "adapter.method=pissa"])``. Every field
+has a help text (``metadata["help"]``); :func:`describe_config` lists them (``balora config``).
+A field whose metadata names a ``family`` is read by runs of that family only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from balora.objectives.lambdas import LambdaSchedule, parse_schedule
+from balora.regularizers.common import (
+    CONSISTENCY_KINDS,
+    DIVERSITY_KINDS,
+    SVD_K_POLICIES,
+    SVD_NORMALIZATIONS,
+    SVD_SOLVERS,
+    check_choice,
+)
 
 TASK_FAMILIES = ("classification", "generation")
-CONSISTENCY_KINDS = ("kl", "mse", "cosine")
-DIVERSITY_KINDS = ("covariance", "entropy")
-SVD_NORMALIZATIONS = ("nuclear", "frobenius")
-SVD_SOLVERS = ("auto", "exact", "randomized")
+CLASSIFICATION, GENERATION = TASK_FAMILIES
+GENERATION_BENCHMARKS = ("gsm8k", "math")
+PRECISIONS = ("fp32", "bf16", "fp16")
+TRAIN_ON = ("last", "all_assistant")
+#: The offline generation task: template-split GSM8K variants, evaluated with the gsm8k check.
+GSM_SYMBOLIC_TASK = "gsm-symbolic"
 
+
+logger = logging.getLogger("balora")
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or out of range."""
+    """A configuration value is missing, unknown, out of range or inconsistent with another."""
+
+
+def option(default: Any = None, *, help: str, family: str | None = None,
+           factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with its help text (and the only family that reads it, if any)."""
+    metadata = {"help": help, **({"family": family} if family else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    try:
+        check_choice(value, name, choices)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _is_set(section: Any, name: str) -> bool:
+    """True when ``section.name`` differs from the field's default."""
+    f = next(f for f in dataclasses.fields(section) if f.name == name)
+    return getattr(section, name) != _default(f)
+
+
+#: The paper's settings (section 3.1, B.4) of the regulariser fields that default to None.
+PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
+    CLASSIFICATION: dict(lambda_consistency=0.15, lambda_diversity=0.03, lambda_svd=0.03, svd_k=5,
+                         diversity_kind="covariance", svd_normalize="nuclear",
+                         consistency_schedule="constant", focus_schedule="constant"),
+    GENERATION: dict(lambda_consistency=0.025, lambda_diversity=0.005, lambda_svd=0.005, svd_k=10,
+                     diversity_kind="entropy", svd_normalize="frobenius",
+                     consistency_schedule="cosine", focus_schedule="two_phase"),
+}
+
+
+def _paper(key: str) -> str:
+    """The help text's note on a None default: the paper's value in each family."""
+    values = ", ".join(f"{PAPER_DEFAULTS[family][key]} {family}" for family in TASK_FAMILIES)
+    return f"None = paper default ({values})"
 
 
 @dataclass
 class RegularizerConfig:
     """Weights and settings of the three BA-LoRA regularisers (paper eq. 8 and 13).
 
-    Used only by methods with ``+reg`` (``balora`` = ``pissa+reg``). ``None`` fields take the
+    Read only by methods with ``+reg`` (``balora`` = ``pissa+reg``). ``None`` fields take the
     paper's default for the task family (see :meth:`paper_defaults`).
     """
 
-    lambda_consistency: float | None = None  # λ1
-    lambda_diversity: float | None = None  # λ2
-    lambda_svd: float | None = None  # λ3
-    svd_k: int | None = None  # k in eq. 7 / 12
-    temperature: float = 2.0  # T in eq. 4 / 9
-    top_k: int = 20  # K in eq. 10-11 (generation, or diversity_kind="entropy")
-    consistency_kind: str = "kl"  # kl (paper) | mse | cosine (requested ablation)
-    diversity_kind: str | None = None  # covariance (classification) | entropy (generation)
-    svd_normalize: str | None = None  # nuclear (eq. 7) | frobenius (eq. 12)
-    consistency_schedule: Any = None  # constant | linear_warmup | cosine | two_phase | {kind: .., ..}
-    focus_schedule: Any = None  # schedule of λ2 and λ3
-    teacher_cache: bool = False  # classification: cache the frozen teacher's pooled features
-    svd_solver: str = "auto"  # generation: auto (exact via QR of a frozen head) | exact | randomized
-    svd_oversample: int = 10  # randomized SVD: basis columns beyond svd_k
-    svd_niter: int = 2  # randomized SVD: power iterations
+    lambda_consistency: float | None = option(
+        help=f"λ1, weight of the consistency term (eq. 4 / 9); {_paper('lambda_consistency')}")
+    lambda_diversity: float | None = option(
+        help=f"λ2, weight of the diversity term (eq. 5-6 / 10-11); {_paper('lambda_diversity')}")
+    lambda_svd: float | None = option(help=f"λ3, weight of the SVD term (eq. 7 / 12); {_paper('lambda_svd')}")
+    svd_k: int | None = option(help=f"k, number of top singular values in eq. 7 / 12; {_paper('svd_k')}")
+    temperature: float = option(
+        2.0, help="T, softmax temperature of the KL consistency (eq. 4 / 9; paper: 2); "
+                  "read with consistency_kind=kl only")
+    top_k: int = option(
+        20, help="K, top probabilities in the entropy diversity (eq. 10-11; paper: 20); "
+                 "read with diversity_kind=entropy only")
+    consistency_kind: str = option(
+        "kl", help="consistency loss: kl (paper, eq. 4 / 9) | cosine | mse | mse_normalized (ablations)")
+    diversity_kind: str | None = option(
+        help="diversity loss: covariance (eq. 5-6; classification only) | entropy (eq. 10-11); "
+             f"{_paper('diversity_kind')}")
+    svd_normalize: str | None = option(
+        help="SVD term normalisation: nuclear (eq. 7; classification only) | frobenius (eq. 12); "
+             f"{_paper('svd_normalize')}")
+    consistency_schedule: Any = option(
+        help=f"schedule of λ1: constant | linear_warmup | cosine | two_phase | {{kind: ..., options}}; "
+             f"{_paper('consistency_schedule')}")
+    focus_schedule: Any = option(
+        help=f"schedule of λ2 and λ3 (forms of consistency_schedule); {_paper('focus_schedule')}")
+    teacher_cache: bool = option(
+        False, family=CLASSIFICATION,
+        help="cache the frozen teacher's pooled head input per training example (one teacher "
+             "forward per example instead of one per step); needs a head on pooled features")
+    svd_k_policy: str = option(
+        "clamp", family=CLASSIFICATION,
+        help="SVD term with svd_k >= number of classes D: clamp (k = D-1, logged once, so the "
+             "term keeps a gradient) | literal (the paper's k as given; k >= D makes it the constant -1)")
+    svd_solver: str = option(
+        "auto", family=GENERATION,
+        help="how the SVD term gets the top singular values: auto (exact via a QR of a frozen "
+             "output head, randomized otherwise) | exact (error if the head is not a frozen "
+             "linear map) | randomized")
+    svd_oversample: int = option(
+        10, family=GENERATION, help="randomized SVD: basis columns beyond svd_k")
+    svd_niter: int = option(2, family=GENERATION, help="randomized SVD: power iterations")
 
     def __post_init__(self) -> None:
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
@@ -63,14 +152,16 @@ class RegularizerConfig:
             raise ConfigError(f"regularizers.temperature must be > 0, got {self.temperature}")
         if self.top_k < 1:
             raise ConfigError(f"regularizers.top_k must be >= 1, got {self.top_k}")
-        _check_choice("regularizers.consistency_kind", self.consistency_kind, CONSISTENCY_KINDS)
+        _choice(self.consistency_kind, "regularizers.consistency_kind", CONSISTENCY_KINDS)
         if self.diversity_kind is not None:
-            _check_choice("regularizers.diversity_kind", self.diversity_kind, DIVERSITY_KINDS)
+            _choice(self.diversity_kind, "regularizers.diversity_kind", DIVERSITY_KINDS)
         if self.svd_normalize is not None:
-            _check_choice("regularizers.svd_normalize", self.svd_normalize, SVD_NORMALIZATIONS)
-        _check_choice("regularizers.svd_solver", self.svd_solver, SVD_SOLVERS)
-        if self.svd_oversample < 0 or self.svd_niter < 0:
-            raise ConfigError("regularizers.svd_oversample and svd_niter must be >= 0")
+            _choice(self.svd_normalize, "regularizers.svd_normalize", SVD_NORMALIZATIONS)
+        _choice(self.svd_k_policy, "regularizers.svd_k_policy", SVD_K_POLICIES)
+        _choice(self.svd_solver, "regularizers.svd_solver", SVD_SOLVERS)
+        for name in ("svd_oversample", "svd_niter"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"regularizers.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("consistency_schedule", "focus_schedule"):
             value = getattr(self, name)
             if value is not None:
@@ -82,14 +173,8 @@ class RegularizerConfig:
     @staticmethod
     def paper_defaults(family: str) -> dict[str, Any]:
         """The paper's settings (section 3.1, B.4) for 'classification' or 'generation'."""
-        _check_choice("task family", family, TASK_FAMILIES)
-        if family == "classification":
-            return dict(lambda_consistency=0.15, lambda_diversity=0.03, lambda_svd=0.03, svd_k=5,
-                        diversity_kind="covariance", svd_normalize="nuclear",
-                        consistency_schedule="constant", focus_schedule="constant")
-        return dict(lambda_consistency=0.025, lambda_diversity=0.005, lambda_svd=0.005, svd_k=10,
-                    diversity_kind="entropy", svd_normalize="frobenius",
-                    consistency_schedule="cosine", focus_schedule="two_phase")
+        _choice(family, "task family", TASK_FAMILIES)
+        return dict(PAPER_DEFAULTS[family])
 
     def resolved(self, family: str) -> "RegularizerConfig":
         """A copy with every ``None`` replaced by the paper's default for ``family``."""
@@ -109,8 +194,8 @@ class RegularizerConfig:
 class ModelConfig:
     """Which pre-trained model to adapt."""
 
-    name: str = "minilm"  # short asset name (balora.assets), hub id, or local path
-    max_length: int = 128
+    name: str = option("minilm", help="short asset name (balora.assets), hub id, or local path")
+    max_length: int = option(128, help="tokens per example; longer examples are truncated")
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -128,11 +213,14 @@ class AdapterConfig:
     three regularisers. ``balora`` is ``pissa+reg``.
     """
 
-    method: str = "balora"
-    rank: int = 8
-    alpha: float | None = None  # None = rank (scaling 1)
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = None  # None = PEFT's default for the architecture
+    method: str = option(
+        "balora", help="lora | pissa | pissa_niter_N | dora | full | another PEFT init_lora_weights "
+                       "value, each optionally +reg (the three regularisers); balora = pissa+reg")
+    rank: int = option(8, help="adapter rank r")
+    alpha: float | None = option(help="LoRA alpha (scaling alpha / r); None = rank (scaling 1)")
+    dropout: float = option(0.0, help="dropout on the adapter's input, in [0, 1)")
+    target_modules: list[str] | str | None = option(
+        help="module names that get an adapter; None = PEFT's default for the architecture")
 
     def __post_init__(self) -> None:
         from balora.methods import parse_method  # local import: methods imports nothing of ours
@@ -151,21 +239,41 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    """Which task to train on (see balora.data.load_task)."""
+    """Which task to train on (balora.data.load_task for classification, SFT data for generation)."""
 
-    task: str = "reuters-r8"
-    train_file: str | None = None
-    eval_file: str | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    format: str = "auto"  # generation: alpaca | metamath | codefeedback | prompt_response | chat | sharegpt
-    train_on: str = "last"  # generation: last | all_assistant (which assistant turns are targets)
+    task: str = option(
+        "reuters-r8", help="classification: a GLUE task, reuters-r8 | reuters-r52 | election-tweets, "
+                           "or files; generation: gsm-symbolic (offline), metamathqa | codefeedback | "
+                           "wizardlm-evol-instruct, a hub id or a local JSONL/JSON/Parquet file")
+    train_file: str | None = option(
+        help="local training file (classification: CSV/TSV/JSON lines; generation: replaces data.task "
+             "as the source of the training rows)")
+    eval_file: str | None = option(
+        help="local evaluation file (classification: test rows; generation: the eval.benchmark problems)")
+    text_column: str | None = option(
+        family=CLASSIFICATION, help="column of the text in the data files; None = text (or the GLUE task's own)")
+    text_pair_column: str | None = option(
+        family=CLASSIFICATION, help="column of the second text of a pair task; None = no pair")
+    label_column: str | None = option(
+        family=CLASSIFICATION, help="column of the label in the data files; None = label")
+    max_train_examples: int | None = option(
+        help="keep a seeded random subset of N training examples; None = all")
+    max_eval_examples: int | None = option(
+        family=CLASSIFICATION,
+        help="keep a seeded random subset of N evaluation examples; None = all (generation: eval.max_examples)")
+    format: str = option(
+        "auto", family=GENERATION,
+        help="layout of the SFT rows: auto (detected from the columns) | alpaca | metamath | "
+             "codefeedback | prompt_response | chat | sharegpt")
+    train_on: str = option(
+        "last", family=GENERATION, help="which assistant turns are targets: last | all_assistant")
 
     def __post_init__(self) -> None:
-        _check_choice("data.train_on", self.train_on, ("last", "all_assistant"))
+        _choice(self.train_on, "data.train_on", TRAIN_ON)
+        if self.format != "auto":
+            from balora.data.sft.formats import FORMATS  # local import: the data layer is heavy
+
+            _choice(self.format, "data.format", ("auto", *FORMATS))
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -176,22 +284,34 @@ class DataConfig:
 class TrainConfig:
     """Optimisation settings, passed on to transformers.TrainingArguments."""
 
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    lr_scheduler: str = "linear"
-    logging_steps: int = 10
-    save_steps: int = 200  # checkpoint every N steps (resumable runs)
-    save_total_limit: int = 2
-    seed: int = 42
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    loss_chunk_size: int = 512  # generation: valid tokens per chunk of the output-head losses (memory ~ chunk x vocab)
-    group_by_length: bool = False  # batch examples of similar length together (less padding)
+    epochs: float = option(1.0, help="passes over the training data (ignored when max_steps > 0: set one of them)")
+    max_steps: int = option(-1, help="optimiser steps; > 0 replaces epochs")
+    batch_size: int = option(16, help="training examples per device and micro-batch")
+    eval_batch_size: int = option(
+        64, family=CLASSIFICATION, help="evaluation examples per batch (generation: eval.batch_size)")
+    gradient_accumulation_steps: int = option(
+        1, help="micro-batches per optimiser step; the batch-level regulariser terms (covariance, SVD) "
+                "are computed per micro-batch")
+    learning_rate: float = option(5e-4, help="peak learning rate of AdamW")
+    weight_decay: float = option(0.0, help="AdamW weight decay")
+    warmup_ratio: float = option(0.06, help="fraction of the steps with a linear learning-rate warm-up, in [0, 1)")
+    lr_scheduler: str = option("linear", help="transformers learning-rate schedule (linear, cosine, constant, ...)")
+    logging_steps: int = option(10, help="log losses, regularisers and λs every N steps")
+    save_steps: int = option(200, help="checkpoint every N steps (what --resume continues from)")
+    save_total_limit: int = option(2, help="checkpoints kept (older ones are deleted)")
+    seed: int = option(42, help="seed of the model initialisation, data order, subsets and splits")
+    report_to: list[str] = option(
+        factory=lambda: ["tensorboard"],
+        help="logging integrations; tensorboard writes into the run directory's tensorboard/")
+    loss_chunk_size: int = option(
+        512, family=GENERATION,
+        help="valid tokens per chunk of the output-head losses (memory ~ chunk x vocabulary)")
+    group_by_length: bool = option(False, help="batch examples of similar length together (less padding)")
+    precision: str = option(
+        "fp32", help="fp32 | bf16 (autocast; works on CPU) | fp16 (autocast with loss scaling; needs CUDA)")
+    gradient_checkpointing: bool = option(
+        False, family=GENERATION,
+        help="recompute activations in the backward pass (less memory, about a third more compute)")
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size < 1:
@@ -208,22 +328,32 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
+        _choice(self.precision, "train.precision", PRECISIONS)
+        from transformers.trainer_utils import SchedulerType  # local import: transformers is heavy
+
+        _choice(self.lr_scheduler, "train.lr_scheduler", tuple(s.value for s in SchedulerType))
 
 
 @dataclass
 class GenerationEvalConfig:
-    """How a generation run is evaluated after training (ignored by classification runs)."""
+    """How a generation run is evaluated after training (a generation-only section)."""
 
-    benchmark: str | None = None  # gsm8k (answer check) | math | None = chosen by data.task
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    max_examples: int | None = None  # evaluate on the first N test problems
-    perplexity_corpus: str | None = None  # e.g. grimm-tales: also report perplexity (adapted vs pre-trained)
-    perplexity_stride: int = 512
+    benchmark: str | None = option(
+        family=GENERATION,
+        help="gsm8k (answer check) | math (\\boxed{} answers); None = gsm8k for data.task=gsm-symbolic, "
+             "else no benchmark")
+    max_new_tokens: int = option(256, family=GENERATION, help="tokens generated per answer (greedy)")
+    batch_size: int = option(16, family=GENERATION, help="prompts generated together")
+    max_examples: int | None = option(family=GENERATION, help="evaluate the first N test problems; None = all")
+    perplexity_corpus: str | None = option(
+        family=GENERATION,
+        help="a text corpus (e.g. grimm-tales): also report the perplexity of the adapted and the "
+             "pre-trained model (paper Table 13)")
+    perplexity_stride: int = option(512, family=GENERATION, help="sliding-window stride of the perplexity")
 
     def __post_init__(self) -> None:
         if self.benchmark is not None:
-            _check_choice("eval.benchmark", self.benchmark, GENERATION_BENCHMARKS)
+            _choice(self.benchmark, "eval.benchmark", GENERATION_BENCHMARKS)
         for name in ("max_new_tokens", "batch_size", "perplexity_stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
@@ -231,40 +361,191 @@ class GenerationEvalConfig:
             raise ConfigError(f"eval.max_examples must be >= 1, got {self.max_examples}")
 
 
-GENERATION_BENCHMARKS = ("gsm8k", "math")
+#: The sections of a RunConfig, in the order ``balora config`` lists them.
+SECTIONS = ("model", "adapter", "data", "regularizers", "train", "eval")
 
 
 @dataclass
 class RunConfig:
-    """Everything one training run needs."""
+    """Everything one training run needs; the sections are cross-checked against the family."""
 
-    name: str | None = None  # run directory name prefix; default: "<task>-<method>"
-    output_dir: str = "runs"
-    family: str = "classification"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: GenerationEvalConfig = field(default_factory=lambda: GenerationEvalConfig())
+    name: str | None = option(help='run directory name prefix; None = "<data.task>-<adapter.method>"')
+    output_dir: str = option("runs", help="folder that receives the new run directory")
+    family: str = option("classification", help="classification (sequence classifier) | generation (causal LM)")
+    model: ModelConfig = option(factory=ModelConfig, help="the pre-trained model")
+    adapter: AdapterConfig = option(factory=AdapterConfig, help="the fine-tuning method")
+    data: DataConfig = option(factory=DataConfig, help="the training (and evaluation) data")
+    regularizers: RegularizerConfig = option(factory=RegularizerConfig, help="the BA-LoRA regularisers")
+    train: TrainConfig = option(factory=TrainConfig, help="optimisation")
+    eval: GenerationEvalConfig = option(factory=GenerationEvalConfig, help="evaluation of a generation run")
 
     def __post_init__(self) -> None:
-        _check_choice("family", self.family, TASK_FAMILIES)
+        _choice(self.family, "family", TASK_FAMILIES)
+        _check_family_keys(self)
+        _check_regularizers(self)
+        _check_adapter(self.adapter)
+        _check_train(self.train)
+        if self.family == GENERATION:
+            _check_generation_data(self)
+        else:
+            _check_classification_data(self.data)
 
     @property
     def run_name(self) -> str:
         return self.name or f"{self.data.task}-{self.adapter.method}".replace("+", "-")
 
+    @property
+    def benchmark(self) -> str | None:
+        """The benchmark a generation run is scored on (``eval.benchmark`` or the task's own), or None."""
+        if self.eval.benchmark is not None:
+            return self.eval.benchmark
+        return "gsm8k" if self.data.task == GSM_SYMBOLIC_TASK else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+# --------------------------------------------------------------------------- cross-checks
+
+
+def _check_family_keys(config: RunConfig) -> None:
+    """A key that only the other family reads must keep its default."""
+    for section_name in SECTIONS:
+        section = getattr(config, section_name)
+        for f in dataclasses.fields(section):
+            family = f.metadata.get("family")
+            if family and family != config.family and _is_set(section, f.name):
+                raise ConfigError(
+                    f"{section_name}.{f.name} is a {family} setting; this run has family: {config.family}"
+                )
+
+
+#: regularizers.<key> -> (is it read, given the resolved settings?, when it is read)
+_REGULARIZER_USES: dict[str, tuple[Callable[[RegularizerConfig], bool], str]] = {
+    "consistency_kind": (lambda r: r.lambda_consistency > 0, "lambda_consistency > 0"),
+    "temperature": (lambda r: r.lambda_consistency > 0 and r.consistency_kind == "kl",
+                    "consistency_kind=kl and lambda_consistency > 0"),
+    "consistency_schedule": (lambda r: r.lambda_consistency > 0, "lambda_consistency > 0"),
+    "teacher_cache": (lambda r: r.lambda_consistency > 0, "lambda_consistency > 0"),
+    "diversity_kind": (lambda r: r.lambda_diversity > 0, "lambda_diversity > 0"),
+    "top_k": (lambda r: r.lambda_diversity > 0 and r.diversity_kind == "entropy",
+              "diversity_kind=entropy and lambda_diversity > 0"),
+    "focus_schedule": (lambda r: r.lambda_diversity > 0 or r.lambda_svd > 0,
+                       "lambda_diversity > 0 or lambda_svd > 0"),
+    "svd_k": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
+    "svd_normalize": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
+    "svd_k_policy": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
+    "svd_solver": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
+    "svd_oversample": (lambda r: r.lambda_svd > 0 and r.svd_solver != "exact",
+                       "lambda_svd > 0 and svd_solver auto or randomized"),
+    "svd_niter": (lambda r: r.lambda_svd > 0 and r.svd_solver != "exact",
+                  "lambda_svd > 0 and svd_solver auto or randomized"),
+}
+
+
+def _check_regularizers(config: RunConfig) -> None:
+    """Every regulariser key that is set is read by this method, family and loss."""
+    from balora.methods import parse_method  # local import, as in AdapterConfig
+
+    r = config.regularizers
+    changed = [f.name for f in dataclasses.fields(r) if _is_set(r, f.name)]
+    if changed and not parse_method(config.adapter.method).regularized:
+        # not an error: one config is typically shared by every method of a comparison
+        logger.warning("regularizers.%s is not used: adapter.method=%s has no +reg (the regularisers are off)",
+                       ", regularizers.".join(changed), config.adapter.method)
+        return
+    if config.family == GENERATION:
+        if r.diversity_kind == "covariance":
+            raise ConfigError("regularizers.diversity_kind=covariance is for classification; generation uses entropy")
+        if r.svd_normalize == "nuclear":
+            raise ConfigError("regularizers.svd_normalize=nuclear is for classification; generation uses frobenius")
+    resolved = r.resolved(config.family)
+    for key in changed:
+        if key in _REGULARIZER_USES:
+            used, when = _REGULARIZER_USES[key]
+            if not used(resolved):
+                raise ConfigError(f"regularizers.{key} has no effect here: it is read only with {when}")
+
+
+def _check_adapter(adapter: AdapterConfig) -> None:
+    from balora.methods import parse_method  # local import, as in AdapterConfig
+
+    if parse_method(adapter.method).full:
+        for key in ("rank", "alpha", "dropout", "target_modules"):
+            if _is_set(adapter, key):
+                raise ConfigError(f"adapter.{key} has no effect with adapter.method={adapter.method} (no adapter)")
+
+
+def _check_train(train: TrainConfig) -> None:
+    if train.max_steps > 0 and _is_set(train, "epochs"):
+        raise ConfigError("train.epochs is ignored when train.max_steps > 0: set only one of them")
+
+
+def _generation_task_names() -> set[str]:
+    from balora.data.sft import SFT_DATASETS  # local import: the data layer is heavy
+
+    return {GSM_SYMBOLIC_TASK, *SFT_DATASETS}
+
+
+def _check_classification_data(data: DataConfig) -> None:
+    if data.task.lower() in _generation_task_names():
+        raise ConfigError(f"data.task={data.task} is a generation task; set family: generation")
+    if data.train_file is None and data.eval_file is None:
+        for key in ("text_column", "text_pair_column", "label_column"):
+            if _is_set(data, key):
+                raise ConfigError(f"data.{key} is read only from data files (data.train_file, data.eval_file)")
+
+
+def _check_generation_data(config: RunConfig) -> None:
+    from balora.data import GLUE_TASKS, ORANGE_TASKS  # local import: the data layer is heavy
+
+    d, e = config.data, config.eval
+    if d.task.lower() in {*GLUE_TASKS, *ORANGE_TASKS}:
+        raise ConfigError(f"data.task={d.task} is a classification task; set family: classification")
+    if d.task == GSM_SYMBOLIC_TASK:
+        for key in ("train_file", "eval_file"):
+            if getattr(d, key) is not None:
+                raise ConfigError(f"data.{key} is not read with data.task={GSM_SYMBOLIC_TASK} (generated problems)")
+        if e.benchmark not in (None, "gsm8k"):
+            raise ConfigError(f"eval.benchmark={e.benchmark}: data.task={GSM_SYMBOLIC_TASK} is scored with gsm8k")
+    if config.benchmark is None:
+        if d.eval_file is not None:
+            raise ConfigError("data.eval_file is read only with eval.benchmark (gsm8k or math)")
+        for key in ("max_new_tokens", "batch_size", "max_examples"):
+            if _is_set(e, key):
+                raise ConfigError(f"eval.{key} is read only with a benchmark: set eval.benchmark (gsm8k or math)")
+    if e.perplexity_corpus is None and _is_set(e, "perplexity_stride"):
+        raise ConfigError("eval.perplexity_stride is read only with eval.perplexity_corpus")
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def describe_config(section: str | None = None) -> str:
+    """Every field (key, type, default, help) grouped by section; ``section`` limits it to one."""
+    groups = [("run", RunConfig)] + [(name, _section_class(name)) for name in SECTIONS]
+    if section is not None:
+        _choice(section, "config section", tuple(name for name, _ in groups))
+        groups = [g for g in groups if g[0] == section]
+    blocks = []
+    for name, cls in groups:
+        lines = [f"{name}:  {cls.__doc__.strip().splitlines()[0]}"]
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(_default(f)):
+                continue
+            key = f.name if name == "run" else f"{name}.{f.name}"
+            only = f"  [{f.metadata['family']} only]" if "family" in f.metadata else ""
+            lines.append(f"  {key} ({f.type}, default {_default(f)!r}){only}")
+            lines.append(f"      {f.metadata['help']}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _section_class(name: str) -> type:
+    return typing.get_type_hints(RunConfig)[name]
+
+
 # --------------------------------------------------------------------------- loading
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -293,25 +574,25 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if value is None:
         return None
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
-    for option in options:
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    for option_type in options:
+        if option_type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if option is float and isinstance(value, str):  # PyYAML reads "1e-4" as a string
+        if option_type is float and isinstance(value, str):  # PyYAML reads "1e-4" as a string
             try:
                 return float(value)
             except ValueError:
                 pass
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
+        if option_type is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if option is int and isinstance(value, float) and value.is_integer():
+        if option_type is int and isinstance(value, float) and value.is_integer():
             return int(value)
-        if option is bool and isinstance(value, bool):
+        if option_type is bool and isinstance(value, bool):
             return value
-        if option is str and isinstance(value, str):
+        if option_type is str and isinstance(value, str):
             return value
-        if typing.get_origin(option) is list and isinstance(value, list):
+        if typing.get_origin(option_type) is list and isinstance(value, list):
             return value
-        if option is Any:
+        if option_type is Any:
             return value
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
     raise ConfigError(f"{where} must be {expected}, got {value!r}")

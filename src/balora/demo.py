@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from balora import run_dir as runs
+from balora import run_dir
 from balora.config import (
     AdapterConfig,
     DataConfig,
@@ -33,10 +33,11 @@ from balora.config import (
     apply_overrides,
     from_dict,
 )
-from balora.generation_pipeline import evaluate_math, load_generation_data, train_generation
+from balora.evaluation.math import evaluate_math
 from balora.models import load_causal_lm
-from balora.pipeline import RunResult, train_classification
 from balora.plots import plot_comparison
+from balora.runs import train_run
+from balora.runs_generation import PREDICTIONS_FILE, load_generation_data
 
 DEMO_METHODS = ("lora", "pissa", "balora")
 DEMO_TASKS = ("reuters", "math")
@@ -44,11 +45,11 @@ DECODER_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 
 
 def demo_config(output_dir: str | Path) -> RunConfig:
-    """The demo's shared settings (every method gets exactly these)."""
+    """The demo's shared settings (every method gets exactly these; the method is set per run)."""
     return RunConfig(
         output_dir=str(output_dir),
         model=ModelConfig(name="minilm", max_length=64),
-        adapter=AdapterConfig(method="lora", rank=8, alpha=8,
+        adapter=AdapterConfig(method="balora", rank=8, alpha=8,
                               target_modules=["query", "key", "value", "dense"]),
         data=DataConfig(task="reuters-r8"),
         train=TrainConfig(max_steps=200, batch_size=16, eval_batch_size=128, learning_rate=1e-3,
@@ -63,7 +64,7 @@ def math_demo_config(output_dir: str | Path) -> RunConfig:
         output_dir=str(output_dir),
         family="generation",
         model=ModelConfig(name="smollm2", max_length=320),
-        adapter=AdapterConfig(method="lora", rank=8, alpha=8, target_modules=DECODER_PROJECTIONS),
+        adapter=AdapterConfig(method="balora", rank=8, alpha=8, target_modules=DECODER_PROJECTIONS),
         data=DataConfig(task="gsm-symbolic"),
         train=TrainConfig(max_steps=50, batch_size=4, learning_rate=2e-4, warmup_ratio=0.05,
                           lr_scheduler="cosine", logging_steps=5, save_steps=25, seed=42,
@@ -116,13 +117,14 @@ def run_demo(
 
     ``task``: ``reuters`` (MiniLM classification) or ``math`` (SmolLM2 on math word problems; the
     pre-trained model is evaluated first, as a baseline row). ``overrides`` are ``key=value``
-    strings applied to the shared config (``train.max_steps=400``).
+    strings applied to the shared config (``train.max_steps=400``); it is validated with method
+    ``balora``, so ``regularizers.*`` overrides are accepted and reach the ``+reg`` methods.
     """
     if task not in DEMO_TASKS:
         raise ValueError(f"demo task must be one of {', '.join(DEMO_TASKS)}, got {task!r}")
     make_config = math_demo_config if task == "math" else demo_config
     base = from_dict(RunConfig, apply_overrides(make_config(output_dir).to_dict(), list(overrides)))
-    demo_dir = runs.create_run_dir(output_dir, f"demo-{base.data.task}")
+    demo_dir = run_dir.create_run_dir(output_dir, f"demo-{base.data.task}")
     base.output_dir = str(demo_dir)
     rows, histories = [], {}
     if task == "math":
@@ -134,10 +136,7 @@ def run_demo(
         config.name = method.replace("+", "-")
         print(f"\n=== {method} ===", flush=True)
         start = time.perf_counter()
-        if task == "math":
-            result: RunResult = train_generation(config, progress=progress)
-        else:
-            result = train_classification(config, progress=progress)
+        result = train_run(config, progress=progress)
         wall = time.perf_counter() - start
         m = result.metrics
         row = dict(method=method, accuracy=m["accuracy"], trainable_parameters=m["trainable_parameters"],
@@ -153,19 +152,21 @@ def run_demo(
         ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("rarest_class_recall", "rarest-class recall")]
     plot_comparison(rows, metrics, demo_dir / "comparison.png", histories=histories,
                     title=f"{base.model.name} on {base.data.task} (same rank, data and steps)")
-    runs.write_json(demo_dir / "summary.json", rows)
+    run_dir.write_json(demo_dir / "summary.json", rows)
     return rows, demo_dir
 
 
 def _pretrained_math_row(config: RunConfig, demo_dir: Path, progress: bool) -> dict:
     """The baseline: the pre-trained model answers the same test problems, without fine-tuning."""
     start = time.perf_counter()
-    _, test, benchmark, _ = load_generation_data(config)
+    test = load_generation_data(config).test
     model, tokenizer = load_causal_lm(config.model.name)
     out_dir = demo_dir / "pretrained"
     out_dir.mkdir()
-    m = evaluate_math(model, tokenizer, test, config, benchmark, out_dir, progress)
-    runs.write_json(out_dir / runs.METRICS_FILE, m)
+    e = config.eval
+    m = evaluate_math(model, tokenizer, test, config.benchmark, max_new_tokens=e.max_new_tokens,
+                      batch_size=e.batch_size, progress=progress, records_path=out_dir / PREDICTIONS_FILE)
+    run_dir.write_json(out_dir / run_dir.METRICS_FILE, m)
     return dict(method="pre-trained", accuracy=m["accuracy"], correct=m["correct"], total=m["total"],
                 no_answer=m["no_answer"], trainable_parameters=0, train_seconds=0.0,
                 wall_seconds=time.perf_counter() - start, run_dir=str(out_dir))

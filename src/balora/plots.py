@@ -33,25 +33,27 @@ def _series(history: Sequence[Mapping], key: str) -> tuple[list[int], list[float
 def plot_loss_curve(history: Sequence[Mapping], path: str | os.PathLike, title: str = "") -> Path:
     """Task loss and each regulariser (left), each λ (right) against the optimiser step."""
     fig, (ax_loss, ax_lambda) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in LOSS_KEYS:
-        steps, values = _series(history, key)
-        if steps:
-            ax_loss.plot(steps, values, label=key)
+    losses = _plot_lines(ax_loss, [(key, history, key) for key in LOSS_KEYS])
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("value (averaged over logging interval)")
-    ax_loss.set_title("task loss and regularisers")
-    ax_loss.legend(fontsize=8)
+    ax_loss.set_title("task loss and regularisers" if losses else "no training step was logged")
+    lambdas = _plot_lines(ax_lambda, [(key, history, key) for key in LAMBDA_KEYS])
+    ax_lambda.set_xlabel("step")
+    ax_lambda.set_title("λ schedule" if lambdas else "no regularisers in this run")
+    return _save(fig, path, title)
+
+
+def _plot_lines(ax, lines: Sequence[tuple[str, Sequence[Mapping], str]]) -> bool:
+    """Plot each ``(label, history, key)`` that has logged values; add a legend if any was plotted."""
     plotted = False
-    for key in LAMBDA_KEYS:
+    for label, history, key in lines:
         steps, values = _series(history, key)
         if steps:
-            ax_lambda.plot(steps, values, label=key)
+            ax.plot(steps, values, label=label)
             plotted = True
-    ax_lambda.set_xlabel("step")
-    ax_lambda.set_title("λ schedule" if plotted else "no regularisers in this run")
     if plotted:
-        ax_lambda.legend(fontsize=8)
-    return _save(fig, path, title)
+        ax.legend(fontsize=8)
+    return plotted
 
 
 def plot_comparison(
@@ -78,11 +80,7 @@ def plot_comparison(
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     if histories:
         ax = axes[-1]
-        for method, history in histories.items():
-            steps, values = _series(history, "task_loss")
-            if steps:
-                ax.plot(steps, values, label=method)
-        ax.set_title("training task loss", fontsize=10)
+        logged = _plot_lines(ax, [(method, history, "task_loss") for method, history in histories.items()])
+        ax.set_title("training task loss" if logged else "no training step was logged", fontsize=10)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
     return _save(fig, path, title)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from balora import run_dir as runs
+from balora import run_dir
 from balora.models import ModelSource, load_causal_lm, load_source, resolve_model_source
 
 from .chat_backends import make_judge
@@ -96,7 +96,7 @@ def run_evaluation(
     source = resolve_model_source(model, adapter)
     start = time.perf_counter()
     lm, tokenizer = load_source(source)
-    out_dir = runs.create_run_dir(output_dir, f"eval-{benchmark}")
+    out_dir = run_dir.create_run_dir(output_dir, f"eval-{benchmark}")
     try:
         metrics = _dispatch(benchmark, lm, tokenizer, source, out_dir / RECORDS_FILE, kwargs)
     except BaseException:
@@ -107,5 +107,5 @@ def run_evaluation(
             "options": recorded,
             "seconds": round(time.perf_counter() - start, 3)}
     metrics = {**metrics, **{k: v for k, v in info.items() if k not in metrics}}
-    runs.write_json(out_dir / runs.METRICS_FILE, metrics)
+    run_dir.write_json(out_dir / run_dir.METRICS_FILE, metrics)
     return metrics, out_dir

@@ -1,4 +1,4 @@
-"""End to end on a tiny model: run directory, saved adapter round trip, resume, CLI errors, demo table."""
+"""Classification runs end to end on a tiny BERT: run directory, adapter round trip, resume, precision, CLI errors, demo."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from balora.cli import main
-from balora.config import load_config
-from balora.pipeline import train_classification
+from balora.config import ConfigError, load_config
+from balora.runs import train_run, training_arguments
 
 
 def _config(tiny_model_dir, task_files, tmp_path, method="balora", steps=4, **extra):
@@ -30,7 +31,7 @@ def _config(tiny_model_dir, task_files, tmp_path, method="balora", steps=4, **ex
 
 
 def test_run_directory_and_adapter_round_trip(tiny_model_dir, task_files, tmp_path):
-    result = train_classification(_config(tiny_model_dir, task_files, tmp_path), progress=False)
+    result = train_run(_config(tiny_model_dir, task_files, tmp_path), progress=False)
     run = result.run_dir
     for name in ("config.yaml", "metrics.json", "log_history.json", "loss_curve.png", "adapter", "initial_adapter"):
         assert (run / name).exists(), name
@@ -56,33 +57,84 @@ def test_run_directory_and_adapter_round_trip(tiny_model_dir, task_files, tmp_pa
     assert accuracy == pytest.approx(metrics["accuracy"])
 
     # a second run never overwrites the first
-    again = train_classification(_config(tiny_model_dir, task_files, tmp_path, steps=2), progress=False)
+    again = train_run(_config(tiny_model_dir, task_files, tmp_path, steps=2), progress=False)
     assert again.run_dir != run and (run / "metrics.json").exists()
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, task_files, tmp_path):
-    full = train_classification(_config(tiny_model_dir, task_files, tmp_path / "a", steps=4), progress=False)
-    # simulate a run killed after its step-2 checkpoint
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full.run_dir, crashed)
+def _crash_after_step_2(finished, crashed):
+    """A copy of a finished 4-step run as a run killed after its step-2 checkpoint."""
+    shutil.copytree(finished, crashed)
     for name in ("metrics.json", "log_history.json", "loss_curve.png"):
         (crashed / name).unlink()
     shutil.rmtree(crashed / "adapter")
     shutil.rmtree(crashed / "checkpoints" / "checkpoint-4")
+    return crashed
+
+
+def _assert_same_adapter(run_a, run_b):
+    a = load_file(str(run_a / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(run_b / "adapter" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, task_files, tmp_path):
+    full = train_run(_config(tiny_model_dir, task_files, tmp_path / "a", steps=4), progress=False)
+    crashed = _crash_after_step_2(full.run_dir, tmp_path / "crashed")
     state_file = crashed / "checkpoints" / "checkpoint-2" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     state["log_history"][0]["marker"] = 1.0  # only a run that really resumes carries it on
     state_file.write_text(json.dumps(state))
-    resumed = train_classification(None, resume=crashed, progress=False)
+    resumed = train_run(None, resume=crashed, progress=False)
     assert resumed.metrics["global_steps"] == 4
     assert resumed.log_history[0].get("marker") == 1.0
     assert [h["step"] for h in resumed.log_history if "task_loss" in h] == [1, 2, 3, 4]
-    a = load_file(str(full.run_dir / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    _assert_same_adapter(full.run_dir, crashed)
     with pytest.raises(FileExistsError, match="already complete"):
-        train_classification(None, resume=crashed, progress=False)
+        train_run(None, resume=crashed, progress=False)
+
+
+def test_resume_restores_the_saved_initial_adapter(tiny_model_dir, task_files, tmp_path, monkeypatch):
+    """pissa_niter_2's init is random: a resume under another random state still continues THE run."""
+    import transformers
+
+    import balora.runs as runs
+
+    method = "pissa_niter_2+reg"
+    full = train_run(_config(tiny_model_dir, task_files, tmp_path / "a", method=method), progress=False)
+    crashed = _crash_after_step_2(full.run_dir, tmp_path / "crashed")
+    # the model is rebuilt under another seed, so the randomized SVD of the init differs
+    monkeypatch.setattr(runs, "set_seed", lambda seed: transformers.set_seed(seed + 1))
+    restored = []
+    restore = runs.restore_initial_adapter
+    monkeypatch.setattr(runs, "restore_initial_adapter", lambda *a: restored.append(restore(*a)) or restored[-1])
+    train_run(None, resume=crashed, progress=False)
+    assert restored == [True]
+    _assert_same_adapter(full.run_dir, crashed)
+
+
+def test_bf16_trains_on_cpu_and_fp16_needs_cuda(tiny_model_dir, task_files, tmp_path):
+    config = _config(tiny_model_dir, task_files, tmp_path, steps=2, **{"train.precision": "bf16"})
+    args = training_arguments(config, tmp_path / "bf16")
+    assert args.bf16 and not args.fp16 and not args.activation_checkpointing
+    result = train_run(config, progress=False)
+    assert result.metrics["global_steps"] == 2 and 0.0 <= result.metrics["accuracy"] <= 1.0
+    logged = [h for h in result.log_history if "task_loss" in h]
+    assert len(logged) == 2 and all(h["task_loss"] == h["task_loss"] for h in logged)  # finite, not NaN
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["train"]["precision"] == "bf16"
+    if not torch.cuda.is_available():
+        fp16 = _config(tiny_model_dir, task_files, tmp_path, **{"train.precision": "fp16"})
+        with pytest.raises(ConfigError, match="train.precision=fp16 needs a CUDA GPU"):
+            train_run(fp16, progress=False)
+        assert list((tmp_path / "runs").iterdir()) == [result.run_dir]  # refused before any run directory
+
+
+def test_training_arguments_follow_the_config(tiny_model_dir, task_files, tmp_path):
+    config = _config(tiny_model_dir, task_files, tmp_path, **{"train.group_by_length": "true"})
+    args = training_arguments(config, tmp_path / "run", progress=False)
+    assert args.train_sampling_strategy == "group_by_length" and args.output_dir == str(tmp_path / "run" / "checkpoints")
+    assert (args.max_steps, args.save_steps, args.logging_steps, args.learning_rate) == (4, 2, 1, 1e-2)
+    assert not args.bf16 and not args.fp16 and args.disable_tqdm and args.report_to == []
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,204 @@
+"""One training run, end to end, for both task families.
+
+:func:`train_run` is what ``balora train`` and ``balora demo`` call. The skeleton is the same for
+classification and generation:
+
+    saved config (resume) -> seed -> data, model and tokenizer (family plug-in) -> method's adapter
+    -> run directory, config.yaml and initial adapter (or, on resume, the saved initial adapter
+    back into the model) -> objective (and its frozen teacher) -> TrainingArguments -> training
+    (TensorBoard, resume from the last checkpoint) -> adapter, tokenizer, log history, loss curve
+    -> evaluation (family plug-in) -> metrics.json
+
+The plug-ins (:data:`FAMILIES`: :class:`balora.runs_classification.ClassificationRun`,
+:class:`balora.runs_generation.GenerationRun`) are built as ``Plugin(config, progress)`` and have
+``needs_pretrained_view`` (the evaluation measures the pre-trained model too),
+``load() -> (model, tokenizer)`` (which also sets ``train_set``, ``collator``, ``num_labels``,
+``task_name`` and ``facts``) and ``evaluate(trainer, tokenizer, out_dir, teacher) -> metrics``;
+generation runs evaluate with the very functions ``balora evaluate`` calls.
+
+A run directory holds ``config.yaml``, ``checkpoints/``, ``initial_adapter/`` (methods that
+rewrite the base weights), ``adapter/`` (PEFT format, with the tokenizer), ``metrics.json``,
+``log_history.json``, ``loss_curve.png``, ``tensorboard/`` and, for generation,
+``predictions.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import TrainingArguments, set_seed
+
+from balora import run_dir
+from balora.adapters import (
+    apply_method,
+    restore_initial_adapter,
+    save_final,
+    save_initial_adapter,
+    trainable_parameters,
+)
+from balora.config import CLASSIFICATION, GENERATION, ConfigError, RunConfig, TrainConfig, from_dict
+from balora.methods import parse_method
+from balora.objectives import build_objective
+from balora.plots import plot_loss_curve
+from balora.runs_classification import ClassificationRun
+from balora.runs_generation import GenerationRun
+from balora.teacher import SnapshotTeacher
+from balora.trainer import BALoRATrainer
+
+__all__ = ["FAMILIES", "RunResult", "check_precision", "resume_config", "train_run", "training_arguments"]
+
+logger = logging.getLogger("balora")
+
+#: The plug-in of each task family: ``load()`` -> (model, tokenizer), then ``evaluate(...)``.
+FAMILIES = {CLASSIFICATION: ClassificationRun, GENERATION: GenerationRun}
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    method: str
+    metrics: dict[str, Any]
+    trainable_parameters: int
+    train_seconds: float
+    log_history: list[dict]
+
+
+def check_precision(train: TrainConfig) -> None:
+    """fp16 needs a CUDA device (a one-line ConfigError otherwise); bf16 and fp32 run anywhere."""
+    if train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+
+
+def training_arguments(config: RunConfig, out_dir: Path, progress: bool = True) -> TrainingArguments:
+    """The ``TrainingArguments`` of a run whose directory is ``out_dir`` (checkpoints in ``checkpoints/``)."""
+    t = config.train
+    check_precision(t)
+    return TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no",
+        seed=t.seed,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        activation_checkpointing=t.gradient_checkpointing,  # transformers' name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        # TensorBoard is attached in train_run with a writer into the run directory
+        report_to=[r for r in t.report_to if r != "tensorboard"] or "none",
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def resume_config(resume: str | os.PathLike) -> tuple[Path, RunConfig]:
+    """The directory of an interrupted run and the config it was started with."""
+    folder = Path(resume)
+    saved = folder / run_dir.CONFIG_FILE
+    if not saved.is_file():
+        raise FileNotFoundError(f"{folder} is not a run directory (no {run_dir.CONFIG_FILE})")
+    if (folder / run_dir.METRICS_FILE).exists():
+        raise FileExistsError(f"{folder} is already complete ({run_dir.METRICS_FILE} exists)")
+    return folder, from_dict(RunConfig, yaml.safe_load(saved.read_text()))
+
+
+def _tensorboard_callback(log_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+
+
+def _train(trainer: BALoRATrainer, config: RunConfig, out_dir: Path, *, resumed: bool) -> float:
+    """Train (from the run's last checkpoint when ``resumed``), logging to TensorBoard; returns seconds."""
+    if "tensorboard" in config.train.report_to:
+        trainer.add_callback(_tensorboard_callback(out_dir / "tensorboard"))
+    start = time.perf_counter()
+    checkpoint = run_dir.last_checkpoint(out_dir) if resumed else None
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    return time.perf_counter() - start
+
+
+def _save(trainer: BALoRATrainer, tokenizer, config: RunConfig, out_dir: Path, *, title: str) -> list[dict]:
+    """The final adapter (PEFT format) + tokenizer, the log history and the loss curve; returns the history."""
+    save_final(trainer.model, config.adapter.method, out_dir / "adapter", out_dir)
+    tokenizer.save_pretrained(str(out_dir / "adapter"))
+    history = list(trainer.state.log_history)
+    run_dir.write_json(out_dir / "log_history.json", history)
+    plot_loss_curve(history, out_dir / "loss_curve.png", title=title)
+    return history
+
+
+def train_run(
+    config: RunConfig | None,
+    *,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Train one run of either family, evaluate it and write its run directory.
+
+    ``resume``: the directory of an interrupted run (then ``config`` is ignored: the saved one is
+    used); training continues from its last checkpoint, with the adapter as initialised and the
+    teacher rebuilt from the saved ``initial_adapter/`` rather than re-initialised.
+    """
+    if resume is not None:
+        out_dir, config = resume_config(resume)
+    check_precision(config.train)
+    spec = parse_method(config.adapter.method)
+    set_seed(config.train.seed)
+
+    family = FAMILIES[config.family](config, progress)
+    model, tokenizer = family.load()
+    model = apply_method(model, config.adapter)  # PEFT's task type follows the model
+    if resume is None:
+        out_dir = run_dir.create_run_dir(config.output_dir, config.run_name)
+        run_dir.write_yaml(out_dir / run_dir.CONFIG_FILE, config.to_dict())
+        save_initial_adapter(model, config.adapter.method, out_dir)
+    else:
+        restore_initial_adapter(model, out_dir)  # logs what it restored
+    logger.info("run directory: %s", out_dir)
+
+    objective = build_objective(config, model, num_labels=family.num_labels)
+    teacher = objective.teacher
+    if teacher is None and family.needs_pretrained_view:
+        teacher = SnapshotTeacher(model)  # the pre-trained model, for evaluation only
+    trainer = BALoRATrainer(
+        model=model, args=training_arguments(config, out_dir, progress), objective=objective,
+        train_dataset=family.train_set, data_collator=family.collator, processing_class=tokenizer,
+    )
+    train_seconds = _train(trainer, config, out_dir, resumed=resume is not None)
+    history = _save(trainer, tokenizer, config, out_dir, title=f"{family.task_name} · {spec.name}")
+
+    eval_start = time.perf_counter()
+    metrics = family.evaluate(trainer, tokenizer, out_dir, teacher)
+    metrics.update(
+        task=family.task_name, method=spec.name, trainable_parameters=trainable_parameters(model),
+        train_seconds=train_seconds, eval_seconds=time.perf_counter() - eval_start,
+        global_steps=trainer.state.global_step, **family.facts,
+    )
+    run_dir.write_json(out_dir / run_dir.METRICS_FILE, metrics)
+    return RunResult(run_dir=out_dir, method=spec.name, metrics=metrics,
+                     trainable_parameters=metrics["trainable_parameters"], train_seconds=train_seconds,
+                     log_history=history)

