@@ -1,10 +1,11 @@
-"""The three scripts of examples/ run end to end (2 steps, tiny local models): every BA-LoRA term
-is logged, the loss is finite, and the saved adapter loads on the ORIGINAL model and gives the
-trained model's outputs."""
+"""The scripts of examples/ run end to end (2 steps, tiny local models): every BA-LoRA term is
+logged, the loss is finite, and the saved adapter loads on the ORIGINAL model and gives the
+trained model's outputs; load_adapter.py gets a run's label names with plain transformers + PEFT."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -100,3 +101,29 @@ def test_torch_loop_example(tiny_causal_lm_dir, tmp_path):
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask")}
     assert_reloads(model, AutoModelForCausalLM, tiny_causal_lm_dir, tmp_path / "adapter", inputs)
+
+
+def test_load_adapter_example_gives_the_runs_label_names(tiny_model_dir, task_files, tmp_path, capsys):
+    """Plain transformers + PEFT (no balora import) recover the run's label NAMES from its adapter
+    directory; the classes sort (markets, sports, weather) unlike their first appearance."""
+    from balora.config import load_config
+    from balora.runs import train_run
+
+    train_file, eval_file = task_files
+    run = train_run(load_config(None, [
+        f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}", "model.max_length=16",
+        "data.task=files", f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+        "adapter.method=balora", "adapter.rank=4", "adapter.target_modules=[query,value]", "train.max_steps=2",
+        "train.batch_size=8", "train.report_to=[]", "train.learning_rate=1e-2",
+    ]), progress=False).run_dir
+    expected = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    texts = [row["text"] for row in expected]
+    source = (EXAMPLES / "load_adapter.py").read_text()
+    assert "import balora" not in source and "from balora" not in source
+
+    example = load_example("load_adapter")
+    capsys.readouterr()
+    names = example.main(["--adapter", str(run / "adapter"), *texts])  # base: the adapter's own
+    assert names == [row["prediction"] for row in expected]
+    assert capsys.readouterr().out.splitlines() == [f"{name}\t{text}" for name, text in zip(names, texts)]
+    assert example.main(["--adapter", str(run / "adapter"), "--base", tiny_model_dir, *texts]) == names

@@ -64,7 +64,7 @@ def test_run_directory_and_adapter_round_trip(tiny_model_dir, task_files, tmp_pa
 def _crash_after_step_2(finished, crashed):
     """A copy of a finished 4-step run as a run killed after its step-2 checkpoint."""
     shutil.copytree(finished, crashed)
-    for name in ("metrics.json", "log_history.json", "loss_curve.png"):
+    for name in ("metrics.json", "log_history.json", "loss_curve.png", "predictions.jsonl"):
         (crashed / name).unlink()
     shutil.rmtree(crashed / "adapter")
     shutil.rmtree(crashed / "checkpoints" / "checkpoint-4")
@@ -175,8 +175,13 @@ def test_cli_bad_model_path_is_one_line(task_files, tmp_path, capsys):
     assert "could not load model" in capsys.readouterr().err
 
 
-def test_demo_table_and_figure(tiny_model_dir, task_files, tmp_path):
+def test_demo_table_and_figure(tiny_model_dir, task_files, tmp_path, monkeypatch):
+    import balora.demo as demo
     from balora.demo import format_table, run_demo
+
+    titles = []
+    plot = demo.plot_comparison
+    monkeypatch.setattr(demo, "plot_comparison", lambda *a, **k: titles.append(k["title"]) or plot(*a, **k))
 
     train_file, eval_file = task_files
     overrides = [
@@ -185,6 +190,7 @@ def test_demo_table_and_figure(tiny_model_dir, task_files, tmp_path):
         "train.max_steps=2", "train.report_to=[]", "train.save_steps=2",
     ]
     rows, demo_dir = run_demo(tmp_path, ["lora", "balora"], overrides, progress=False)
+    assert "on train.csv" in titles[0] and "files" not in titles[0]  # the data, not the task kind
     assert [r["method"] for r in rows] == ["lora", "balora"]
     assert (demo_dir / "comparison.png").stat().st_size > 10_000
     table = format_table(rows)

@@ -62,6 +62,13 @@ def test_generation_run_directory_predictions_and_adapter_round_trip(tiny_causal
     # the PiSSA adapter was converted to plain LoRA: it loads on the ORIGINAL model with PeftModel
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert cfg["init_lora_weights"] is True and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["base_model_name_or_path"] == tiny_causal_lm_dir
+    assert not (run / "adapter" / "config.json").exists()  # a causal LM adapter: no classifier config
+    card = (run / "adapter" / "README.md").read_text()
+    assert "More Information Needed" not in card and "pipeline_tag: text-generation" in card
+    assert "| λ1 schedule | constant |" in card and "| SVD solver | auto |" in card
+    assert f"| accuracy | {metrics['accuracy']:.4f} |" in card and "| evaluation problems | 3 |" in card
+    assert "balora train balora_config.yaml" in card and (run / "adapter" / "balora_config.yaml").is_file()
     base = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir)
     model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
     assert any("lora_A" in n for n, _ in model.named_parameters())

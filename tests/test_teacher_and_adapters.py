@@ -181,6 +181,29 @@ def test_saved_adapter_loads_on_the_original_model(tiny_model_dir, tmp_path, met
         torch.testing.assert_close(reloaded(**batch).logits, trained, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["pissa", "full"])
+def test_saved_classifier_carries_its_labels_and_base_name(tiny_model_dir, tmp_path, method):
+    import json
+
+    from transformers import AutoConfig
+
+    from balora.models import load_sequence_classifier
+
+    torch.manual_seed(0)
+    model = load_sequence_classifier(tiny_model_dir, 3, ["zeta", "alpha", "mid"])
+    model = apply_method(model, AdapterConfig(method=method, rank=4, target_modules=TARGETS))
+    save_initial_adapter(model, method, tmp_path)
+    save_final(model, method, tmp_path / "adapter", tmp_path)
+    saved = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "zeta", "1": "alpha", "2": "mid"} and saved["label2id"]["mid"] == 2
+    assert saved["num_labels"] == 3 and saved["problem_type"] == "single_label_classification"
+    assert saved["_name_or_path"] == tiny_model_dir
+    assert AutoConfig.from_pretrained(tmp_path / "adapter").id2label == {0: "zeta", 1: "alpha", 2: "mid"}
+    if method == "pissa":  # converted to LoRA: the config names the base model, not the initial adapter
+        adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        assert adapter_config["base_model_name_or_path"] == tiny_model_dir and adapter_config["r"] == 8
+
+
 def test_trainable_parameter_counts(tiny_model_dir):
     full = apply_method(_load(tiny_model_dir), AdapterConfig(method="full"))
     lora = apply_method(_load(tiny_model_dir), AdapterConfig(method="lora", rank=4, target_modules=TARGETS))

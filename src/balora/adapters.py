@@ -3,10 +3,16 @@
 All adapter mechanics come from PEFT: LoRA, PiSSA (``init_lora_weights="pissa"``), DoRA
 (``use_dora``) and the conversion of PiSSA-style adapters to plain LoRA at save time
 (``path_initial_model_for_weight_conversion``). Nothing here re-implements them.
+
+A saved classifier (adapter or full model) carries its labels: ``config.json`` beside the adapter
+is the model's transformers config with ``id2label``, ``label2id``, ``num_labels``,
+``problem_type`` and ``_name_or_path``, the base model's portable name (see
+:func:`balora.assets.portable_name`), so plain transformers + PEFT recover the class names.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -33,8 +39,7 @@ def apply_method(model: torch.nn.Module, adapter: AdapterConfig, task_type: str 
     """
     spec = parse_method(adapter.method)
     if task_type is None:
-        can_generate = getattr(model, "can_generate", None)
-        task_type = TaskType.CAUSAL_LM if callable(can_generate) and can_generate() else TaskType.SEQ_CLS
+        task_type = TaskType.CAUSAL_LM if _generates(model) else TaskType.SEQ_CLS
     if spec.full:
         model.requires_grad_(True)
         return model
@@ -51,6 +56,12 @@ def apply_method(model: torch.nn.Module, adapter: AdapterConfig, task_type: str 
         return get_peft_model(model, config)
     except ValueError as err:
         raise ValueError(f"cannot apply {adapter.method!r} to this model: {err}") from None
+
+
+def _generates(model: torch.nn.Module) -> bool:
+    """True for a model that generates (a causal LM), False for a classifier."""
+    can_generate = getattr(model, "can_generate", None)
+    return callable(can_generate) and bool(can_generate())
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -76,13 +87,21 @@ def save_final(model: torch.nn.Module, method: str, out_dir: str | os.PathLike, 
 
     Adapters are PEFT directories that ``PeftModel.from_pretrained`` loads on the ORIGINAL
     pre-trained model: PiSSA-style adapters (whose base holds W_res) are converted to a plain LoRA
-    adapter of rank 2r by PEFT. ``full`` saves the whole model with ``save_pretrained``.
+    adapter of rank 2r by PEFT. ``full`` saves the whole model with ``save_pretrained``. A
+    classifier's directory also gets ``config.json`` with its labels and portable base name (an
+    adapter: the base model's config); a causal LM adapter gets none.
     """
     spec: MethodSpec = parse_method(method)
     out_dir = Path(out_dir)
     if not isinstance(model, PeftModel):
         model.save_pretrained(str(out_dir))
+        if not _generates(model):
+            _complete_config_json(model.config, out_dir)
         return out_dir
+    base = model.get_base_model()
+    if not _generates(base):
+        base.config.save_pretrained(str(out_dir))
+        _complete_config_json(base.config, out_dir)
     if spec.mutates_base:
         initial = Path(run_dir) / INITIAL_ADAPTER_DIR
         if not (initial / "adapter_model.safetensors").is_file():
@@ -92,6 +111,18 @@ def save_final(model: torch.nn.Module, method: str, out_dir: str | os.PathLike, 
     else:
         model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def _complete_config_json(config, out_dir: Path) -> None:
+    """Add ``_name_or_path`` and ``num_labels`` to the ``config.json`` just saved from ``config``.
+
+    transformers leaves both out of a saved config; the first names the base model the adapter
+    belongs to, the second makes the number of classes explicit beside ``id2label``.
+    """
+    path = out_dir / "config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(_name_or_path=config.name_or_path, num_labels=config.num_labels)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _restore_modules_to_save(model: PeftModel, out_dir: Path) -> None:

@@ -1,7 +1,7 @@
-"""Command line: ``balora train CONFIG.yaml [key=value ...]``, ``balora demo``, ``balora evaluate``
-and ``balora config [SECTION]``.
+"""Command line: ``balora train CONFIG.yaml [key=value ...]``, ``balora demo``, ``balora evaluate``,
+``balora predict RUN_OR_ADAPTER [TEXT ...]`` and ``balora config [SECTION]``.
 
-A thin layer over balora.runs, balora.demo, balora.evaluation and balora.config. User mistakes
+A thin layer over balora.runs, balora.demo, balora.evaluation, balora.predict and balora.config. User mistakes
 (a bad config value, a missing file, an asset that is not installed) end in one clear line on
 stderr and exit code 2; ``--debug`` shows the traceback instead.
 """
@@ -16,6 +16,7 @@ from balora.assets import AssetNotInstalled
 from balora.config import SECTIONS, ConfigError, describe_config, load_config
 from balora.evaluation.cli import add_evaluate_parser, run_evaluate
 from balora.models import ModelLoadError
+from balora.predict import FORMATS, check_output, predict, write_predictions
 
 USER_ERRORS = (ConfigError, AssetNotInstalled, ModelLoadError, FileNotFoundError, FileExistsError, ValueError,
                ConnectionError)
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true")
 
     add_evaluate_parser(sub)
+    _add_predict_parser(sub)
 
     config = sub.add_parser(
         "config", help="list every run-config key with its type, default and help",
@@ -53,6 +55,43 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("section", nargs="?", metavar="SECTION",
                         help=f"list only this section: {', '.join(('run', *SECTIONS))}")
     return parser
+
+
+def _add_predict_parser(sub) -> None:
+    parser = sub.add_parser(
+        "predict", help="label names (classifier) or completions (causal LM) of a trained run or adapter",
+        description="Predict with a run directory of `balora train`, a PEFT adapter directory or a saved "
+                    "fine-tuned model. A classifier gives each text's label name and class probabilities; a "
+                    "causal LM completes each prompt, rendered with the chat template training used. The "
+                    "texts come from the arguments, from --file, or from stdin (one per line; no texts or '-').",
+        epilog="Example: `balora predict runs/<run> --file test.csv --format csv --output predictions.csv`.",
+    )
+    parser.add_argument("path", metavar="RUN_OR_ADAPTER", help="run directory, adapter directory or saved model")
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts or prompts ('-' or none: read stdin)")
+    parser.add_argument("--file", metavar="PATH", help="read the inputs from a CSV, TSV or JSONL file")
+    parser.add_argument("--text-column", default="text", metavar="NAME",
+                        help="the column of the texts (prompts) in --file (default text)")
+    parser.add_argument("--text-pair-column", metavar="NAME", help="classifier: the column of the second texts")
+    parser.add_argument("--format", choices=FORMATS, default="jsonl", help="output format (default jsonl)")
+    parser.add_argument("--output", metavar="PATH", help="write to this new file (default stdout; never overwritten)")
+    parser.add_argument("--top-k", type=int, metavar="K",
+                        help="classifier: the probabilities of the K most likely classes (default all)")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="texts per forward (default 32) or prompts per generation batch (default 8)")
+    parser.add_argument("--max-length", type=int, metavar="N",
+                        help="classifier: truncate inputs to N tokens (default the run's model.max_length)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help="causal LM: tokens per completion (default 256)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --file)")
+
+
+def _predict(args) -> int:
+    check_output(args.output)
+    predictions = predict(args.path, args.texts, file=args.file, text_column=args.text_column,
+                          text_pair_column=args.text_pair_column, top_k=args.top_k, batch_size=args.batch_size,
+                          max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+                          progress=False if args.no_progress else None)
+    write_predictions(predictions, args.output, args.format)
+    return 0
 
 
 def _train(args) -> int:
@@ -86,8 +125,19 @@ def _demo(args) -> int:
     return 0
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; ``balora predict``'s texts may also follow its options."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "predict" and not any(e.startswith("-") and e != "-" for e in extra):
+        args.texts += extra  # argparse stops filling TEXT ... at the first option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("balora").setLevel(logging.INFO)
     try:
@@ -96,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(describe_config(args.section))
             return 0
+        if args.command == "predict":
+            return _predict(args)
         return _train(args) if args.command == "train" else _demo(args)
     except USER_ERRORS as err:
         if args.debug:

@@ -36,8 +36,8 @@ from balora.config import (
 from balora.evaluation.math import evaluate_math
 from balora.models import load_causal_lm
 from balora.plots import plot_comparison
-from balora.runs import train_run
-from balora.runs_generation import PREDICTIONS_FILE, load_generation_data
+from balora.runs import data_name, train_run
+from balora.runs_generation import load_generation_data
 
 DEMO_METHODS = ("lora", "pissa", "balora")
 DEMO_TASKS = ("reuters", "math")
@@ -151,7 +151,7 @@ def run_demo(
     metrics = [("accuracy", "accuracy")] if task == "math" else [
         ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("rarest_class_recall", "rarest-class recall")]
     plot_comparison(rows, metrics, demo_dir / "comparison.png", histories=histories,
-                    title=f"{base.model.name} on {base.data.task} (same rank, data and steps)")
+                    title=f"{base.model.name} on {data_name(base)} (same rank, data and steps)")
     run_dir.write_json(demo_dir / "summary.json", rows)
     return rows, demo_dir
 
@@ -165,7 +165,7 @@ def _pretrained_math_row(config: RunConfig, demo_dir: Path, progress: bool) -> d
     out_dir.mkdir()
     e = config.eval
     m = evaluate_math(model, tokenizer, test, config.benchmark, max_new_tokens=e.max_new_tokens,
-                      batch_size=e.batch_size, progress=progress, records_path=out_dir / PREDICTIONS_FILE)
+                      batch_size=e.batch_size, progress=progress, records_path=out_dir / run_dir.PREDICTIONS_FILE)
     run_dir.write_json(out_dir / run_dir.METRICS_FILE, m)
     return dict(method="pre-trained", accuracy=m["accuracy"], correct=m["correct"], total=m["total"],
                 no_answer=m["no_answer"], trainable_parameters=0, train_seconds=0.0,

@@ -1,13 +1,17 @@
 """The one loader of models and tokenizers: short asset names, hub ids, local folders, and the
-(base model + adapter) pairs that ``balora evaluate`` and the trained runs produce.
+(base model + adapter) pairs that ``balora train`` produces and ``balora evaluate`` / ``balora
+predict`` load.
 
 * :func:`load_tokenizer`, :func:`load_causal_lm`, :func:`load_sequence_classifier` -- a
   pre-trained model by short asset name, hub id or path (GGUF assets are dequantised once into a
-  cache). Every tokenizer without a pad token gets its eos token as pad token (one rule).
-* :class:`ModelSource` / :func:`resolve_model_source` -- what ``--model`` / ``--adapter`` name: a
-  base model, a PEFT adapter directory, or a ``balora train`` run directory (adapter, or a whole
-  fine-tuned model for method ``full``); :func:`load_source` loads it, :func:`load_model_for_eval`
-  does both.
+  cache). Every tokenizer without a pad token gets its eos token as pad token (one rule). A
+  packaged model is named by its portable hub id (``model.name_or_path``, and so PEFT's
+  ``base_model_name_or_path``), so its adapters also load on a machine that has the hub only.
+* :class:`ModelSource` / :func:`resolve_model_source` -- what ``--model`` / ``--adapter`` (or
+  ``balora predict RUN_OR_ADAPTER``) name: a base model, a PEFT adapter directory, a saved
+  fine-tuned model, or a ``balora train`` run directory (adapter, or a whole fine-tuned model for
+  method ``full``), of either family; :func:`load_source` loads it (a classifier with the labels
+  saved in the adapter's ``config.json``), :func:`load_model_for_eval` does both.
 
 User mistakes (a missing folder, an unreadable adapter) raise one-line ``ValueError`` /
 :class:`ModelLoadError` messages.
@@ -15,14 +19,15 @@ User mistakes (a missing folder, an unreadable adapter) raise one-line ``ValueEr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,8 +47,10 @@ from balora.assets import (
     PackagedModel,
     cache_dir,
     packaged_model,
+    portable_name,
     resolve_model,
 )
+from balora.config import CLASSIFICATION, GENERATION
 from balora.run_dir import CONFIG_FILE
 
 __all__ = [
@@ -93,11 +100,18 @@ def _load(name: str, load: Callable[[str], T]) -> T:
     path = resolve_model(name)
     try:
         asset = packaged_model(name)
-        if asset is not None and asset.gguf_file:
+        if asset is not None and asset.gguf_file and path != name:  # the packaged GGUF, not the hub id
             path = str(_gguf_cache(name, asset, path))
         return load(path)
     except OSError as err:
         raise ModelLoadError(_explain(name, path, err)) from None
+
+
+def _name_portably(model: PreTrainedModel, name: str) -> PreTrainedModel:
+    """``model`` named ``portable_name(name)`` (a packaged model's hub id, else ``name``): PEFT
+    records ``model.name_or_path`` as the adapter's ``base_model_name_or_path``."""
+    model.name_or_path = model.config.name_or_path = portable_name(name)
+    return model
 
 
 def load_tokenizer(name: str):
@@ -124,9 +138,7 @@ def load_sequence_classifier(
         kwargs["label2id"] = {label: i for i, label in enumerate(label_names)}
 
     def classifier(path: str) -> PreTrainedModel:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-        model.config.name_or_path = name if path == name else path
-        return model
+        return _name_portably(AutoModelForSequenceClassification.from_pretrained(path, **kwargs), name)
 
     return _load(name, classifier)
 
@@ -158,7 +170,7 @@ def load_causal_lm(
     ModelLoadError when ``from_pretrained`` cannot find or read the model.
     """
     def causal_lm(path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype),
+        return (_name_portably(AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype), name),
                 _with_pad(AutoTokenizer.from_pretrained(path)))
 
     model, tokenizer = _load(name, causal_lm)
@@ -170,11 +182,7 @@ def load_causal_lm(
 def _gguf_cache(name: str, asset: PackagedModel, folder: str) -> Path:
     """The folder of the float safetensors copy of a GGUF asset, converted on first use."""
     key = MODEL_ALIASES.get(name.lower(), name.lower())
-    try:
-        version = importlib.metadata.version(asset.package)
-    except importlib.metadata.PackageNotFoundError:
-        version = asset.version
-    target = cache_dir() / "models" / f"{key}-{version}"
+    target = cache_dir() / "models" / f"{key}-{asset.installed_version()}"
     if (target / "config.json").is_file():
         return target
     if importlib.util.find_spec("gguf") is None:
@@ -228,29 +236,51 @@ def _explain(name: str, path: str, err: Exception) -> str:
     return f"could not load model {name!r} from {path}: {first}"
 
 
-# ----------------------------------------------------------------------------- models to evaluate
+# ----------------------------------------------------------------------------- trained models
+
+#: The PEFT adapter file and the transformers model config file of a saved directory.
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
     """What to load: ``base`` (asset name, hub id or path), a PEFT ``adapter_dir`` (or None), a
     fully fine-tuned model folder ``full_model_dir`` (or None; then ``base`` is the pre-trained
-    model it started from) and ``tokenizer_dir``, a folder with the training tokenizer, or None."""
+    model it started from, or the folder itself when nothing names that model),
+    ``tokenizer_dir``, a folder with the training tokenizer, or None, ``family``
+    (:data:`~balora.config.GENERATION`: a causal LM; :data:`~balora.config.CLASSIFICATION`: a
+    sequence classifier) and ``max_length``, a run's ``model.max_length`` (the longest input
+    training saw), or None."""
 
     base: str
     adapter_dir: Path | None = None
     full_model_dir: Path | None = None
     tokenizer_dir: Path | None = None
+    family: str = GENERATION
+    max_length: int | None = None
 
 
-def _run_config_model(run_dir: Path) -> tuple[str, str]:
-    """``(model.name, family)`` from a ``balora train`` run's ``config.yaml``."""
+def _read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a one-line ValueError when it cannot be read."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {_first_line(err)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"cannot read {path}: it holds no JSON object")
+    return data
+
+
+def _run_config(run_dir: Path) -> tuple[str, str, int | None]:
+    """``(model.name, family, model.max_length)`` from a ``balora train`` run's ``config.yaml``."""
     try:
         config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
         name = config["model"]["name"]
-    except (yaml.YAMLError, KeyError, TypeError):
+        max_length = config["model"].get("max_length")
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError):
         raise ValueError(f"{run_dir / CONFIG_FILE}: cannot read model.name from it") from None
-    return str(name), str(config.get("family", "generation"))
+    return str(name), str(config.get("family", GENERATION)), max_length
 
 
 def _tokenizer_dir(folder: Path) -> Path | None:
@@ -258,39 +288,81 @@ def _tokenizer_dir(folder: Path) -> Path | None:
     return folder if (folder / "tokenizer_config.json").is_file() else None
 
 
+def _adapter_family(folder: Path) -> str:
+    """CLASSIFICATION for a PEFT adapter of task type ``SEQ_CLS``, else GENERATION."""
+    task_type = _read_json(folder / ADAPTER_CONFIG).get("task_type")
+    return CLASSIFICATION if task_type == "SEQ_CLS" else GENERATION
+
+
+def _saved_model_family(folder: Path) -> str:
+    """CLASSIFICATION for a saved ``*ForSequenceClassification`` model, else GENERATION."""
+    architectures = _read_json(folder / MODEL_CONFIG).get("architectures") or []
+    classifier = any(str(name).endswith("ForSequenceClassification") for name in architectures)
+    return CLASSIFICATION if classifier else GENERATION
+
+
+def _check_family(folder: Path, what: str, found: str, wanted: str | None) -> None:
+    """A one-line ValueError when ``found`` is not the ``wanted`` family (None: any family)."""
+    if wanted is not None and found != wanted:
+        raise ValueError(f"{folder} is a {found} {what}, not a {wanted} one (balora evaluate takes "
+                         "generation models; balora predict takes both)")
+
+
 def _adapter_base(folder: Path) -> str:
     """The ``base_model_name_or_path`` of a PEFT adapter (for ``--model`` left out)."""
-    from peft import PeftConfig
-
-    base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    base = _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{folder}: the adapter does not name its base model; pass --model")
-    return base
+    return str(base)
 
 
-def _run_source(model: str | None, run_dir: Path) -> ModelSource:
+def _folder_source(folder: Path, base: str | None, family: str | None, what: str,
+                   max_length: int | None = None) -> ModelSource | None:
+    """The source of a PEFT adapter directory or a saved fine-tuned model in ``folder``, else None.
+
+    ``base``: the base model (None: the adapter's own base, or for a saved model the folder);
+    ``max_length``: the run's ``model.max_length`` when the folder belongs to a run.
+    """
+    tokenizer_dir = _tokenizer_dir(folder)
+    if (folder / ADAPTER_CONFIG).is_file():
+        found = _adapter_family(folder)
+        _check_family(folder, what, found, family)
+        return ModelSource(base or _adapter_base(folder), adapter_dir=folder, tokenizer_dir=tokenizer_dir,
+                           family=found, max_length=max_length)
+    if (folder / MODEL_CONFIG).is_file():  # a whole fine-tuned model (method "full")
+        found = _saved_model_family(folder)
+        _check_family(folder, what, found, family)
+        return ModelSource(base or str(folder), full_model_dir=folder, tokenizer_dir=tokenizer_dir,
+                           family=found, max_length=max_length)
+    return None
+
+
+def _run_source(model: str | None, run_dir: Path, family: str | None) -> ModelSource:
     """The source of a ``balora train`` run directory (``adapter/`` + ``config.yaml``)."""
-    base, family = _run_config_model(run_dir)
-    if family == "classification":
-        raise ValueError(f"{run_dir} is a classification run; balora evaluate needs a generation run")
+    base, found, max_length = _run_config(run_dir)
+    _check_family(run_dir, "run", found, family)
     if model is not None and model != base:
-        logger.warning("the run was trained on %s; evaluating it on --model %s as asked", base, model)
+        logger.warning("the run was trained on %s; loading it on --model %s as asked", base, model)
     folder = run_dir / "adapter"
-    if (folder / "adapter_config.json").is_file():
-        return ModelSource(model or base, adapter_dir=folder, tokenizer_dir=_tokenizer_dir(folder))
-    if (folder / "config.json").is_file():  # method "full": the whole fine-tuned model
-        return ModelSource(model or base, full_model_dir=folder, tokenizer_dir=_tokenizer_dir(folder))
-    raise ValueError(f"{run_dir} has no finished adapter ({folder} holds no adapter_config.json)")
+    source = _folder_source(folder, model or base, family, "run", max_length)
+    if source is None:
+        raise ValueError(f"{run_dir} has no finished adapter ({folder} holds no {ADAPTER_CONFIG})")
+    return source
 
 
-def resolve_model_source(model: str | None, adapter: str | os.PathLike | None) -> ModelSource:
+def resolve_model_source(
+    model: str | None, adapter: str | os.PathLike | None, *, family: str | None = GENERATION
+) -> ModelSource:
     """Work out the base model and the adapter from ``--model`` / ``--adapter``.
 
-    ``adapter`` is a PEFT adapter directory (``adapter_config.json``) or a ``balora train`` run
-    directory (``adapter/`` + ``config.yaml``; its ``model.name`` is the base model when
-    ``model`` is None, and a run that trained all weights is loaded as a whole model).
-    ``model=None`` without a run directory means the adapter's ``base_model_name_or_path``, or
-    :data:`DEFAULT_MODEL` when there is no adapter.
+    ``adapter`` is a PEFT adapter directory (``adapter_config.json``; its ``task_type``
+    ``SEQ_CLS`` makes it a classifier), a saved fine-tuned model (``config.json``; a
+    ``*ForSequenceClassification`` architecture makes it a classifier) or a ``balora train`` run
+    directory (``adapter/`` + ``config.yaml``, whose ``model.name`` is the base model when
+    ``model`` is None and whose ``family`` is the family). ``model=None`` without a run
+    directory means the adapter's ``base_model_name_or_path``, or :data:`DEFAULT_MODEL` (a
+    causal LM) when there is no adapter. ``family`` is the family the caller takes (the default,
+    GENERATION, is what ``balora evaluate`` evaluates); None takes both.
     """
     if adapter is None:
         return ModelSource(model or DEFAULT_MODEL)
@@ -298,21 +370,49 @@ def resolve_model_source(model: str | None, adapter: str | os.PathLike | None) -
     if not folder.is_dir():
         raise ValueError(f"adapter directory not found: {folder}")
     if (folder / CONFIG_FILE).is_file() and (folder / "adapter").is_dir():
-        return _run_source(model, folder)
-    if not (folder / "adapter_config.json").is_file():
+        return _run_source(model, folder, family)
+    source = _folder_source(folder, model, family, "adapter")
+    if source is None:
         raise ValueError(
-            f"{folder} is neither a PEFT adapter directory (no adapter_config.json) nor a balora "
-            "run directory (no adapter/ and config.yaml)"
+            f"{folder} is neither a PEFT adapter directory (no {ADAPTER_CONFIG}), a saved model (no "
+            f"{MODEL_CONFIG}) nor a balora run directory (no adapter/ and config.yaml)"
         )
-    return ModelSource(model or _adapter_base(folder), adapter_dir=folder, tokenizer_dir=_tokenizer_dir(folder))
+    return source
 
 
-def _load_full_model(folder: Path) -> PreTrainedModel:
-    """A fully fine-tuned causal LM saved with ``save_pretrained`` (float32)."""
+def _adapter_labels(folder: Path) -> dict:
+    """The head a classification adapter was trained with, from its ``config.json``:
+    ``num_labels``, ``label_names`` (in id order) and ``problem_type``."""
+    path = folder / MODEL_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{folder} has no {MODEL_CONFIG} with the adapter's labels (id2label); "
+                         "save classification adapters with balora.save_final")
+    config = _read_json(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    except OSError as err:
+        names = {int(i): str(name) for i, name in config["id2label"].items()}
+    except (KeyError, AttributeError, TypeError, ValueError):
+        names = {}
+    if not names or sorted(names) != list(range(len(names))):
+        raise ValueError(f"{path}: id2label must map the class ids 0..K-1 to label names")
+    return dict(num_labels=len(names), label_names=[names[i] for i in range(len(names))],
+                problem_type=config.get("problem_type") or "single_label_classification")
+
+
+_AUTO_CLASSES = {CLASSIFICATION: AutoModelForSequenceClassification, GENERATION: AutoModelForCausalLM}
+
+
+def _load_full_model(folder: Path, family: str) -> PreTrainedModel:
+    """A fully fine-tuned model of ``family`` saved with ``save_pretrained`` (float32)."""
+    try:
+        return _AUTO_CLASSES[family].from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the fine-tuned model in {folder}: {_first_line(err)}") from None
+
+
+def _mismatch_line(err: Exception) -> str:
+    """The informative line of a state-dict error (the first ``size mismatch``), else its first line."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    return next((line for line in lines if line.startswith("size mismatch")), _first_line(err))
 
 
 def _attach_adapter(model: PreTrainedModel, folder: Path):
@@ -321,28 +421,49 @@ def _attach_adapter(model: PreTrainedModel, folder: Path):
 
     try:
         return PeftModel.from_pretrained(model, str(folder))
-    except (RuntimeError, KeyError, OSError) as err:  # shape mismatch, unreadable weights
-        raise ValueError(f"cannot load the adapter {folder} on this base model: {_first_line(err)}") from None
+    except (RuntimeError, KeyError, OSError, ValueError) as err:  # shape mismatch, unreadable weights
+        raise ValueError(f"cannot load the adapter {folder} on this base model: {_mismatch_line(err)}") from None
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' warnings off inside (errors still show)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def load_source(source: ModelSource):
     """``(model, tokenizer)`` of a resolved :class:`ModelSource`, the model in eval mode.
 
-    The base model (:func:`load_causal_lm`) with the PEFT adapter on top (a ``PeftModel``), the
-    fully fine-tuned model, or the base model alone. The tokenizer saved with the adapter (the
-    one training used) is preferred over the base model's.
+    The base model (:func:`load_causal_lm`, or for a classification adapter
+    :func:`load_sequence_classifier` with the number of labels, their names and the problem type
+    of the adapter's ``config.json``) with the PEFT adapter on top (a ``PeftModel``), the fully
+    fine-tuned model, or the base model alone. The tokenizer saved with the adapter (the one
+    training used) is preferred over the base model's.
     """
+    tokenizer = None
     if source.full_model_dir is not None:
-        lm = _load_full_model(source.full_model_dir)
-        tokenizer = load_tokenizer(source.base) if source.tokenizer_dir is None else None
+        model = _load_full_model(source.full_model_dir, source.family)
+    elif source.family == CLASSIFICATION:
+        with _transformers_quiet():  # its "classifier MISSING" report: the adapter brings the trained head
+            model = load_sequence_classifier(source.base, **_adapter_labels(source.adapter_dir))
+        model = _attach_adapter(model, source.adapter_dir)
     else:
-        lm, tokenizer = load_causal_lm(source.base)
+        model, tokenizer = load_causal_lm(source.base)
         if source.adapter_dir is not None:
-            lm = _attach_adapter(lm, source.adapter_dir)
+            model = _attach_adapter(model, source.adapter_dir)
     if source.tokenizer_dir is not None:
         tokenizer = load_tokenizer(str(source.tokenizer_dir))
-    lm.eval()
-    return lm, tokenizer
+    elif tokenizer is None:
+        tokenizer = load_tokenizer(source.base)
+    model.eval()
+    return model, tokenizer
 
 
 def load_model_for_eval(model: str | None, adapter: str | os.PathLike | None = None):

@@ -18,6 +18,7 @@ import yaml
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 def create_run_dir(root: str | os.PathLike, name: str) -> Path:

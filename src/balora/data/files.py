@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SUFFIXES", "Table", "read_records", "read_table"]
+__all__ = ["SUFFIXES", "Table", "cell_text", "read_records", "read_table"]
 
 #: Supported file suffixes (each text format also with ``.gz`` after it).
 SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
@@ -134,6 +134,15 @@ def _parquet(path: Path, what: str) -> Table:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ValueError(f"cannot read {what} {path} as Parquet: {type(exc).__name__}: {first}") from None
     return Table(table.to_pylist(), list(table.column_names))
+
+
+def cell_text(value) -> str:
+    """A raw cell as a string: None -> "", bool -> "0"/"1", numbers via str()."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
 
 
 def read_table(path: str | Path, *, what: str = "data file") -> Table:
