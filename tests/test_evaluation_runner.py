@@ -407,6 +407,82 @@ def test_mt_bench_with_a_judge_backend(tiny_causal_lm_dir, tmp_path, monkeypatch
     assert rows[2]["question"] == "What is 2 + 2?" and rows[2]["prompt"] == "single-ref"
 
 
+class ScriptedJudge(FakeJudge):
+    """FakeJudge whose n-th call (1-based) raises what ``failures[n]`` holds."""
+
+    def __init__(self, failures):
+        super().__init__()
+        self.failures = failures
+
+    def complete(self, messages, *, max_tokens, temperature):
+        reply = super().complete(messages, max_tokens=max_tokens, temperature=temperature)
+        if len(self.calls) in self.failures:
+            raise self.failures[len(self.calls)]
+        return reply
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_mt_bench_records_a_failed_judgment_and_goes_on(tiny_causal_lm_dir, tmp_path):
+    questions = _write_jsonl(tmp_path / "question.jsonl", MT_BENCH_ROWS)
+    judge = ScriptedJudge({2: JudgeError("http://judge/v1/chat/completions: HTTP 400: bad request")})
+    metrics, out_dir = runner.run_evaluation(tiny_causal_lm_dir, None, "mt-bench", tmp_path / "runs", judge=judge,
+                                             path=str(questions), max_new_tokens=4, progress=False)
+    assert len(judge.calls) == 3  # the failure on call 2 did not stop the run
+    assert (metrics["judged_turns"], metrics["failed"], metrics["unparsed"]) == (3, 1, 0)
+    assert metrics["mean_score"] == pytest.approx(7.0) and metrics["per_turn"] == {"1": 7.0}
+    judgments = _jsonl(out_dir / "judgments.jsonl")
+    assert [(j["question_id"], j["turn"], j["status"]) for j in judgments] == [
+        (81, 1, "rated"), (81, 2, "failed"), (111, 1, "rated")]
+    assert judgments[1]["error"].endswith("HTTP 400: bad request") and judgments[1]["score"] is None
+    answers = _jsonl(out_dir / "answers.jsonl")
+    assert [(a["question_id"], len(a["answers"])) for a in answers] == [(81, 2), (111, 1)]
+    records = _jsonl(out_dir / runner.RECORDS_FILE)
+    assert [r["status"] for r in records] == ["rated", "failed", "rated"]
+
+
+def test_mt_bench_resumes_a_stopped_run(tiny_causal_lm_dir, tmp_path, monkeypatch):
+    questions = _write_jsonl(tmp_path / "question.jsonl", MT_BENCH_ROWS)
+    opts = dict(path=str(questions), max_new_tokens=4, progress=False)
+    judge = ScriptedJudge({1: JudgeError("judge: HTTP 503"), 3: RuntimeError("judge crashed")})
+    with pytest.raises(RuntimeError, match="judge crashed"):
+        runner.run_evaluation(tiny_causal_lm_dir, None, "mt-bench", tmp_path / "runs", judge=judge, **opts)
+    (out_dir,) = (tmp_path / "runs").glob("eval-mt-bench-*")  # kept: it holds the saved records
+    assert not (out_dir / "metrics.json").exists()
+    answers_before = _jsonl(out_dir / "answers.jsonl")
+    assert len(answers_before) == 2
+    assert [j["status"] for j in _jsonl(out_dir / "judgments.jsonl")] == ["failed", "rated"]
+
+    monkeypatch.setattr(generate, "generate_texts", lambda *a, **k: pytest.fail("saved answers are not redone"))
+    judge = FakeJudge()
+    metrics, resumed = runner.run_evaluation(tiny_causal_lm_dir, None, "mt-bench", tmp_path / "other",
+                                             resume=out_dir, judge=judge, **opts)
+    assert resumed == out_dir and not (tmp_path / "other").exists()
+    assert len(judge.calls) == 2  # 81 turn 1 (failed before) and 111 turn 1 (never judged)
+    assert (metrics["resumed_answers"], metrics["resumed_judgments"]) == (2, 1)
+    assert (metrics["judged_turns"], metrics["failed"]) == (3, 0)
+    assert metrics["mean_score"] == pytest.approx((7 + 2 + 7) / 3)
+    assert _jsonl(out_dir / "answers.jsonl") == answers_before
+    assert [(j["question_id"], j["turn"], j["status"]) for j in _jsonl(out_dir / "judgments.jsonl")] == [
+        (81, 1, "failed"), (81, 2, "rated"), (81, 1, "rated"), (111, 1, "rated")]
+    assert json.loads((out_dir / "metrics.json").read_text())["judged_turns"] == 3
+
+    with pytest.raises(ValueError, match="finished run"):
+        runner.run_evaluation(tiny_causal_lm_dir, None, "mt-bench", tmp_path, resume=out_dir, judge=judge, **opts)
+    with pytest.raises(ValueError, match="mt-bench only"):
+        runner.run_evaluation(tiny_causal_lm_dir, None, "perplexity", tmp_path, resume=out_dir)
+    with pytest.raises(ValueError, match="no saved MT-Bench"):
+        runner.run_evaluation(tiny_causal_lm_dir, None, "mt-bench", tmp_path, resume=tmp_path / "runs", judge=judge)
+    other_questions = _write_jsonl(tmp_path / "q2.jsonl", [dict(MT_BENCH_ROWS[0], turns=["Other?", "More?"])])
+    (out_dir / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="does not match the questions"):
+        runner.run_evaluation(tiny_causal_lm_dir, None, "mt-bench", tmp_path, resume=out_dir, judge=judge,
+                              **dict(opts, path=str(other_questions)))
+    assert _parse(["evaluate", "mt-bench", "--resume", str(out_dir)]).resume == str(out_dir)
+
+
 def test_openai_judge_without_key_fails_before_loading(tiny_causal_lm_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setattr(runner, "load_source", lambda source: pytest.fail("the model must not be loaded"))

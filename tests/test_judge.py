@@ -286,6 +286,115 @@ def test_refused_connection_fails_fast(monkeypatch):
     assert time.perf_counter() - start < 2.0  # not retried with a 5 s backoff
 
 
+class _RecordingHandler(BaseHTTPRequestHandler):
+    """Server B: records every request's path and Authorization header (POST or GET), answers a reply."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.seen.append((self.path, self.headers.get("Authorization")))
+        body = _ok("from B")[1]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST  # urllib turns a followed 301/302 into a GET
+
+
+def _serve(handler, **attrs):
+    """Start a ThreadingHTTPServer on a free 127.0.0.1 port; returns (server, thread)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    for name, value in attrs.items():
+        setattr(server, name, value)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def _stop(server, thread):
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirect_is_refused_and_the_key_never_leaves(monkeypatch, status):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server_b, thread_b = _serve(_RecordingHandler, seen=[])
+    target = f"http://127.0.0.1:{server_b.server_address[1]}/v1/chat/completions"
+
+    class Redirector(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.server.seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(status)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server_a, thread_a = _serve(Redirector, seen=[])
+    try:
+        backend = OpenAICompatibleBackend(f"http://127.0.0.1:{server_a.server_address[1]}/v1", MODEL,
+                                          backoff_s=0.01, timeout_s=5)
+        with pytest.raises(JudgeError, match=f"HTTP {status} redirect to {target} refused") as info:
+            backend.complete(MESSAGES, max_tokens=5, temperature=0.0)
+    finally:
+        _stop(server_a, thread_a)
+        _stop(server_b, thread_b)
+    message = str(info.value)
+    assert "\n" not in message and KEY not in message
+    assert server_a.seen == [("/v1/chat/completions", f"Bearer {KEY}")]  # asked once, never retried
+    assert server_b.seen == []  # B never saw a request, with or without the key
+
+
+class _DripHandler(BaseHTTPRequestHandler):
+    """Announces a 40-byte body, then sends one byte every 0.2 s (8 s in all, unless the client leaves)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.requests += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "40")
+        self.end_headers()
+        try:
+            for _ in range(40):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:  # the client gave up and closed the connection
+            pass
+
+
+def test_a_drip_feeding_server_cannot_outlast_the_timeout(monkeypatch):
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server, thread = _serve(_DripHandler, requests=0)
+    backend = OpenAICompatibleBackend(f"http://127.0.0.1:{server.server_address[1]}/v1", MODEL,
+                                      require_key=False, api_key_env="UNSET_KEY_FOR_TEST",
+                                      timeout_s=1, max_retries=0)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(JudgeError, match="gave up after 1 attempts.*no complete reply within 1 s") as info:
+            backend.complete(MESSAGES, max_tokens=5, temperature=0.0)
+    finally:
+        elapsed = time.perf_counter() - start
+        _stop(server, thread)
+    assert elapsed < 2.0  # each byte came within the socket timeout: only the deadline stops it
+    assert "\n" not in str(info.value) and server.requests == 1
+
+
 def test_bad_base_url():
     with pytest.raises(JudgeError, match="http://"):
         OpenAICompatibleBackend("localhost:8000/v1", MODEL, require_key=False)
@@ -383,11 +492,15 @@ def test_local_backend_needs_chat_template(tiny_lm):
     ("[[10]]", 10.0),
     ("[[1]]", 1.0),
     ("The format is [[rating]]. Early guess [[4]], final: Rating: [[6]]", 6.0),  # last one wins
-    ("Rating: [8]", 8.0),  # single-bracket fallback
+    ("Rating: [8]", 8.0),  # "Rating: N" with the number in single brackets
     ("[[9]] and a citation [2]", 9.0),  # double brackets beat single ones
     ("Rating: 8", 8.0),
     ("rating: 7.5/10.", 7.5),
-    ("My rating is 4", 4.0),
+    ("[[7]]", 7.0),
+    ("See [1] and [2].", None),  # citations are not a rating
+    ("As shown in [3], the answer is fine.", None),
+    ("My rating is 4", None),  # not the prompt's format: unparsed, not guessed
+    ("Rating: [[7]] as per [2]", 7.0),
     ("[[11]]", None),
     ("[[0]]", None),
     ("[[0.5]]", None),
@@ -396,6 +509,8 @@ def test_local_backend_needs_chat_template(tiny_lm):
     ("no number here", None),
     ("", None),
     ("Rating: [[eight]]", None),
+    ("Rating: 11", None),
+    ("Rating: [[11]] Rating: 5", None),
 ])
 def test_parse_rating(text, expected):
     assert parse_rating(text) == expected

@@ -4,7 +4,8 @@ A run is described by :class:`RunConfig`, a tree of small dataclasses that check
 in ``__post_init__``; ``RunConfig`` then cross-checks the sections against each other and against
 the task family, so that every inconsistent combination (a generation-only key in a
 classification run, a setting that the chosen method or loss never reads, ...) fails when the
-config is loaded, with one line naming the key.
+config is loaded, with one line naming the key. Every float must be finite (NaN or inf is an
+error), and a schedule given as a mapping must hold a kind name and numbers.
 
 YAML files and ``key=value`` command-line overrides are thin layers over the dataclasses:
 ``load_config("run.yaml", ["train.learning_rate=1e-4", "adapter.method=pissa"])``. Every field
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,29 @@ def _choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
         check_choice(value, name, choices)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _check_finite(section: Any, prefix: str) -> None:
+    """Every float field of ``section`` is finite: NaN or inf is an error naming the key."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}.{f.name} must be a finite number, got {value}")
+
+
+def _check_schedule(value: Any, name: str) -> None:
+    """A schedule is a kind name or a mapping of a kind name and numeric ratios (a one-line error)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "kind":
+                if not isinstance(item, str):
+                    raise ConfigError(f"{name}.kind must be a schedule name, got {item!r}")
+            elif isinstance(item, bool) or not isinstance(item, (int, float)):
+                raise ConfigError(f"{name}.{key} must be a number, got {item!r}")
+    try:
+        parse_schedule(value)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{name}: {err}") from None
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -142,6 +167,7 @@ class RegularizerConfig:
     svd_niter: int = option(2, family=GENERATION, help="randomized SVD: power iterations")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "regularizers")
         for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -165,10 +191,7 @@ class RegularizerConfig:
         for name in ("consistency_schedule", "focus_schedule"):
             value = getattr(self, name)
             if value is not None:
-                try:
-                    parse_schedule(value)
-                except ValueError as err:
-                    raise ConfigError(f"regularizers.{name}: {err}") from None
+                _check_schedule(value, f"regularizers.{name}")
 
     @staticmethod
     def paper_defaults(family: str) -> dict[str, Any]:
@@ -198,6 +221,7 @@ class ModelConfig:
     max_length: int = option(128, help="tokens per example; longer examples are truncated")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "model")
         if not self.name:
             raise ConfigError("model.name is empty")
         if self.max_length < 8:
@@ -229,6 +253,7 @@ class AdapterConfig:
             parse_method(self.method)
         except ValueError as err:
             raise ConfigError(f"adapter.method: {err}") from None
+        _check_finite(self, "adapter")
         if self.rank < 1:
             raise ConfigError(f"adapter.rank must be >= 1, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
@@ -269,6 +294,7 @@ class DataConfig:
         "last", family=GENERATION, help="which assistant turns are targets: last | all_assistant")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
         _choice(self.train_on, "data.train_on", TRAIN_ON)
         if self.format != "auto":
             from balora.data.sft.formats import FORMATS  # local import: the data layer is heavy
@@ -314,6 +340,7 @@ class TrainConfig:
         help="recompute activations in the backward pass (less memory, about a third more compute)")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         if self.loss_chunk_size < 1:
             raise ConfigError(f"train.loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -352,6 +379,7 @@ class GenerationEvalConfig:
     perplexity_stride: int = option(512, family=GENERATION, help="sliding-window stride of the perplexity")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "eval")
         if self.benchmark is not None:
             _choice(self.benchmark, "eval.benchmark", GENERATION_BENCHMARKS)
         for name in ("max_new_tokens", "batch_size", "perplexity_stride"):

@@ -8,6 +8,7 @@ A run directory holds ``config.yaml`` (what was asked), ``checkpoints/`` (resuma
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -19,6 +20,10 @@ import yaml
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 PREDICTIONS_FILE = "predictions.jsonl"
+#: What a complete transformers checkpoint holds (the mark that it was saved to the end).
+TRAINER_STATE_FILE = "trainer_state.json"
+
+logger = logging.getLogger("balora")
 
 
 def create_run_dir(root: str | os.PathLike, name: str) -> Path:
@@ -59,9 +64,17 @@ def write_yaml(path: str | os.PathLike, data: Any) -> Path:
 
 
 def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest ``checkpoints/checkpoint-N`` of a run, or None."""
+    """The newest complete ``checkpoints/checkpoint-N`` of a run, or None.
+
+    A checkpoint without ``trainer_state.json`` (a save that was interrupted) is incomplete: it is
+    skipped, with a warning naming it, for the next older one.
+    """
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return None
     steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
-    return max(steps)[1] if steps else None
+    for _, path in sorted(steps, reverse=True):
+        if (path / TRAINER_STATE_FILE).is_file():
+            return path
+        logger.warning("skipping incomplete checkpoint %s (no %s)", path, TRAINER_STATE_FILE)
+    return None

@@ -4,10 +4,13 @@
 classification and generation:
 
     saved config (resume) -> seed -> data, model and tokenizer (family plug-in) -> method's adapter
-    -> run directory, config.yaml and initial adapter (or, on resume, the saved initial adapter
-    back into the model) -> objective (and its frozen teacher) -> TrainingArguments -> training
+    (on resume, the saved initial adapter back into the model) -> objective (and its frozen
+    teacher) -> run directory, config.yaml and initial adapter -> TrainingArguments -> training
     (TensorBoard, resume from the last checkpoint) -> adapter, tokenizer, log history, loss curve
     -> evaluation (family plug-in) -> model card -> metrics.json (the mark of a finished run)
+
+Everything that can refuse the run (the config, the data files, the model, the objective) runs
+before the run directory is created: a failed validation leaves no directory behind.
 
 The plug-ins (:data:`FAMILIES`: :class:`balora.runs_classification.ClassificationRun`,
 :class:`balora.runs_generation.GenerationRun`) are built as ``Plugin(config, progress)`` and have
@@ -186,18 +189,19 @@ def train_run(
     family = FAMILIES[config.family](config, progress)
     model, tokenizer = family.load()
     model = apply_method(model, config.adapter)  # PEFT's task type follows the model
-    if resume is None:
-        out_dir = run_dir.create_run_dir(config.output_dir, config.run_name)
-        run_dir.write_yaml(out_dir / run_dir.CONFIG_FILE, config.to_dict())
-        save_initial_adapter(model, config.adapter.method, out_dir)
-    else:
+    if resume is not None:
         restore_initial_adapter(model, out_dir)  # logs what it restored
-    logger.info("run directory: %s", out_dir)
-
+    # the objective checks the model against the config (a head for the teacher cache, ...); it
+    # reads the initial adapter without changing it, so a failure leaves no run directory behind
     objective = build_objective(config, model, num_labels=family.num_labels)
     teacher = objective.teacher
     if teacher is None and family.needs_pretrained_view:
         teacher = SnapshotTeacher(model)  # the pre-trained model, for evaluation only
+    if resume is None:
+        out_dir = run_dir.create_run_dir(config.output_dir, config.run_name)
+        run_dir.write_yaml(out_dir / run_dir.CONFIG_FILE, config.to_dict())
+        save_initial_adapter(model, config.adapter.method, out_dir)
+    logger.info("run directory: %s", out_dir)
     trainer = BALoRATrainer(
         model=model, args=training_arguments(config, out_dir, progress), objective=objective,
         train_dataset=family.train_set, data_collator=family.collator, processing_class=tokenizer,

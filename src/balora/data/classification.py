@@ -4,9 +4,19 @@ Every loader in :mod:`balora.data` ends in :func:`build_task`, which turns raw
 columns (strings or numbers) into a :class:`TaskData`:
 
 * rows with an empty label, an empty text (or text pair), a label that is not a
-  number (regression) or a label that is not known (classification) are skipped,
-  counted in ``TaskData.skipped`` by reason, and reported in ONE warning per load
-  on the ``"balora"`` logger;
+  number (regression) or a label that is not known (classification), and CSV/TSV
+  rows with more fields than the header (``"more fields than the header"``; the
+  file reader's own warning names their lines) are skipped, counted in
+  ``TaskData.skipped`` by reason, and reported in ONE warning per load on the
+  ``"balora"`` logger;
+* a classification task needs at least two classes in its train split, else a
+  one-line ValueError (one class would give a 1-output regression head);
+* a label set that looks like free text — more than :data:`FREE_TEXT_MIN_LABELS`
+  (50) distinct labels AND more distinct labels than :data:`FREE_TEXT_LABEL_SHARE`
+  (half) of the usable train rows — is a one-line ValueError naming the file and
+  column (local files) or the task (the usual cause: text with unquoted
+  delimiters, or the wrong ``label_column``); Reuters R52's 52 classes over 6,532
+  rows pass;
 * string labels are mapped to ids ``0..K-1`` through a sorted label list taken from
   the train split (numeric order when every label is an integer, else string
   order); eval rows whose label never occurs in train are skipped as
@@ -45,6 +55,11 @@ logger = logging.getLogger("balora")
 
 CLASSIFICATION = "single_label_classification"
 REGRESSION = "regression"
+
+#: A file's label set looks like free text with more distinct labels than this ...
+FREE_TEXT_MIN_LABELS = 50
+#: ... AND more distinct labels than this share of its usable train rows.
+FREE_TEXT_LABEL_SHARE = 0.5
 
 
 @dataclass
@@ -95,7 +110,8 @@ def read_split(
     path, text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label"
 ) -> RawSplit:
     """Columns ``text`` [``text_pair``] ``label`` of a local file as raw strings (a missing cell
-    is ""), with its blank lines counted as ``"empty line"`` in ``RawSplit.skipped``.
+    is ""), with its blank lines counted as ``"empty line"`` and its rows with more fields than
+    the header as ``"more fields than the header"`` in ``RawSplit.skipped``.
 
     The file is read by :func:`balora.data.files.read_table`; a missing column raises a
     one-line ValueError listing the columns that are there.
@@ -110,9 +126,10 @@ def read_split(
             f"{path}: no column {', '.join(map(repr, missing))}; "
             f"the columns are: {', '.join(table.columns) or '(none)'}"
         )
-    cols = {ours: [cell_text(r.get(theirs)) for r in table.rows] for ours, theirs in wanted.items()}
-    blank = table.blank_lines
-    return RawSplit(cols, Counter({"empty line": blank} if blank else {}))
+    rows = [r for i, r in enumerate(table.rows) if i not in table.long_rows]
+    cols = {ours: [cell_text(r.get(theirs)) for r in rows] for ours, theirs in wanted.items()}
+    skipped = Counter({"empty line": table.blank_lines, "more fields than the header": len(table.long_rows)})
+    return RawSplit(cols, +skipped)
 
 
 def load_table(
@@ -189,6 +206,7 @@ def build_task(
     problem_type: str | None = None,
     label_names: Sequence[str] | None = None,
     headline_metric: str | None = None,
+    label_source: str | None = None,
 ) -> TaskData:
     """Clean two raw splits into a :class:`TaskData` (see the module docstring).
 
@@ -197,6 +215,7 @@ def build_task(
     classes are the sorted labels of the train split. ``problem_type=None`` means
     regression when every label is a number and some are not integers, else
     classification. ``headline_metric`` defaults to accuracy / pearson.
+    ``label_source`` names the train labels (file and column) in the free-text error.
     """
     splits = {"train": train, "eval": eval}
     pair = "text_pair" in train.columns
@@ -231,6 +250,17 @@ def build_task(
             names = [str(n) for n in label_names]
         else:
             names = _sorted_labels(_label_key(train.columns["label"][i]) for i in keep["train"])
+        if len(names) == 1:  # (no names at all: no usable rows, reported below)
+            raise ValueError(
+                f"{name}: classification needs at least two classes in the train split, found only {names[0]!r}"
+            )
+        rows = len(keep["train"])
+        if len(names) > FREE_TEXT_MIN_LABELS and len(names) > FREE_TEXT_LABEL_SHARE * rows:
+            raise ValueError(
+                f"{label_source or name}: the labels look like free text, not classes ({len(names)} "
+                f"distinct labels in {rows} rows); check the label column, and quote text that holds "
+                "the delimiter"
+            )
         index = {n: i for i, n in enumerate(names)}
         def convert(value):
             key = cell_text(value).strip()
@@ -304,7 +334,8 @@ def load_classification_files(
     give a regression task with float labels. Blank lines count as ``"empty line"``.
     """
     train, eval_ = (read_split(p, text_column, text_pair_column, label_column) for p in (train_file, eval_file))
-    return build_task(name, train, eval_, problem_type=problem_type)
+    return build_task(name, train, eval_, problem_type=problem_type,
+                      label_source=f"{train_file} (column {label_column!r})")
 
 
 # ---------------------------------------------------------------- splitting

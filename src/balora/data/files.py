@@ -6,13 +6,16 @@ read as UTF-8 (a byte-order mark is dropped).
 
 * CSV follows the usual quoting rules; TSV is read with quoting off (GLUE style: a ``"`` is
   text, never a field delimiter). A row shorter than the header gets ``None`` for its missing
-  cells; cells beyond the header are dropped.
+  cells; cells beyond the header are dropped. A row with more non-empty cells than the header
+  (typically text holding an unquoted delimiter) is a bad row: it is listed in
+  :attr:`Table.long_rows` (readers that need whole rows skip it, as classification data does)
+  and reported in one warning on the ``"balora"`` logger naming its line.
 * ``.jsonl`` holds one JSON object per line; ``.json`` holds one JSON array of objects, or JSON
   lines.
 * Blank lines are skipped and counted (:attr:`Table.blank_lines`).
 
-Every problem with a file (missing, not a file, unknown suffix, malformed, not UTF-8, no
-rows) raises a one-line error that names what the file is for and its path:
+Every problem with a file (missing, not a file, unknown suffix, malformed, not UTF-8 (naming
+the line), no rows) raises a one-line error that names what the file is for and its path:
 ``FileNotFoundError`` for a missing file, ``ValueError`` for everything else.
 """
 
@@ -22,7 +25,8 @@ import csv
 import gzip
 import io
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["SUFFIXES", "Table", "cell_text", "read_records", "read_table"]
@@ -31,6 +35,8 @@ __all__ = ["SUFFIXES", "Table", "cell_text", "read_records", "read_table"]
 SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 _TEXT_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
 
+logger = logging.getLogger("balora")
+
 
 @dataclass
 class Table:
@@ -38,12 +44,14 @@ class Table:
 
     ``rows``: one dict per record, in file order. ``columns``: the column names in file order
     (the header of a CSV/TSV, the Parquet schema, or every JSON key in order of first use).
-    ``blank_lines``: blank lines skipped in a text file.
+    ``blank_lines``: blank lines skipped in a text file. ``long_rows``: the CSV/TSV rows with
+    more non-empty fields than the header (cut to the header), as ``{index in rows: line}``.
     """
 
     rows: list[dict]
     columns: list[str]
     blank_lines: int = 0
+    long_rows: dict[int, int] = field(default_factory=dict)
 
 
 def _format(path: Path, what: str) -> tuple[str, bool]:
@@ -70,7 +78,8 @@ def _text(path: Path, gzipped: bool, what: str) -> str:
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise ValueError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"cannot read {what} {path}: not UTF-8 text (byte {exc.start})") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"cannot read {what} {path}: not UTF-8 text (line {line}, byte {exc.start})") from None
 
 
 def _delimited(text: str, tsv: bool, path: Path, what: str) -> Table:
@@ -79,7 +88,7 @@ def _delimited(text: str, tsv: bool, path: Path, what: str) -> Table:
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(io.StringIO(text, newline=""))
-    rows, blank = [], 0
+    rows, blank, long_rows = [], 0, {}
     try:
         header = next(reader, None)
         if header is None:
@@ -88,11 +97,13 @@ def _delimited(text: str, tsv: bool, path: Path, what: str) -> Table:
             if not any(c.strip() for c in cells):
                 blank += 1
                 continue
+            if any(c.strip() for c in cells[len(header):]):
+                long_rows[len(rows)] = reader.line_num
             rows.append({name: cells[i] if i < len(cells) else None for i, name in enumerate(header)})
     except csv.Error as exc:
         kind = "TSV" if tsv else "CSV"
         raise ValueError(f"cannot read {what} {path}: not valid {kind} near line {reader.line_num}: {exc}") from None
-    return Table(rows, list(header), blank)
+    return Table(rows, list(header), blank, long_rows)
 
 
 def _json(text: str, array_allowed: bool, path: Path, what: str) -> Table:
@@ -171,6 +182,12 @@ def read_table(path: str | Path, *, what: str = "data file") -> Table:
             table = _json(text, suffix == ".json", file, what)
     if not table.rows:
         raise ValueError(f"{what} {file} has no rows")
+    if table.long_rows:
+        n, lines = len(table.long_rows), list(table.long_rows.values())
+        shown = ", ".join(map(str, lines[:5])) + (", ..." if n > 5 else "")
+        logger.warning("%d row%s of %s %s %s more fields than the header (line%s %s): "
+                       "quote text that holds the delimiter", n, "s" * (n != 1), what, file,
+                       "have" if n != 1 else "has", "s" * (n != 1), shown)
     return table
 
 

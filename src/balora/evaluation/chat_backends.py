@@ -68,6 +68,18 @@ class ChatBackend(Protocol):
 # --------------------------------------------------------------------------------------------
 
 _MAX_BACKOFF_S = 60.0
+_CHUNK_BYTES = 64 * 1024
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect handler that follows nothing: it hands every redirect to ``refuse``."""
+
+    def __init__(self, refuse: Any) -> None:
+        self._refuse = refuse
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 (urllib hook)
+        fp.close()
+        self._refuse(code, newurl)
 
 
 class OpenAICompatibleBackend:
@@ -76,9 +88,12 @@ class OpenAICompatibleBackend:
     The API key is read once from the environment variable ``api_key_env`` and sent as
     ``Authorization: Bearer <key>``; it never appears in logs, ``repr`` or error messages.
     ``require_key=False`` allows local servers that need no key (the header is then omitted
-    when the variable is unset). HTTP 429, 5xx, connection resets and time-outs are retried up to
-    ``max_retries`` times, waiting ``backoff_s * 2**attempt`` seconds (or the server's
-    ``Retry-After``, at most 60 s); any other failure raises :class:`JudgeError` at once.
+    when the variable is unset). Redirects are refused with a :class:`JudgeError` (the key is never
+    sent to their target). ``timeout_s`` bounds every socket operation and also the whole reply
+    body, which must have arrived ``timeout_s`` seconds after the request was sent. HTTP 429, 5xx,
+    connection resets and time-outs are retried up to ``max_retries`` times, waiting
+    ``backoff_s * 2**attempt`` seconds (or the server's ``Retry-After``, at most 60 s); any
+    other failure raises :class:`JudgeError` at once.
     """
 
     def __init__(
@@ -111,6 +126,7 @@ class OpenAICompatibleBackend:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self._key = key
+        self._opener = urllib.request.build_opener(_RefuseRedirects(self._refuse_redirect))
 
     def __repr__(self) -> str:
         return f"OpenAICompatibleBackend(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -135,14 +151,21 @@ class OpenAICompatibleBackend:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _post(self, body: bytes) -> bytes:
-        """One HTTP attempt; raise :class:`_Transient` (retry) or :class:`JudgeError` (give up)."""
+        """One HTTP attempt; raise :class:`_Transient` (retry) or :class:`JudgeError` (give up).
+
+        Redirects are refused (the key must never reach another address). Besides the socket
+        time-out, the reply body must be complete ``timeout_s`` seconds after the request: it is
+        read in chunks and the deadline checked after each, so a drip-feeding server cannot hold
+        the run.
+        """
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        deadline = time.monotonic() + self.timeout_s
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return response.read()
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                return self._read_before(response, deadline)
         except urllib.error.HTTPError as err:
             self._raise_http(err)
         except OSError as err:  # URLError wraps socket errors raised while connecting
@@ -155,6 +178,24 @@ class OpenAICompatibleBackend:
         except http.client.HTTPException as err:  # e.g. a connection closed mid-reply
             raise _Transient(f"{type(err).__name__}: {err}") from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_before(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        """The reply body, read in chunks of at most 64 KiB; past ``deadline`` it is a time-out."""
+        chunks = []
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no complete reply within {self.timeout_s:g} s")
+            chunk = response.read1(_CHUNK_BYTES)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def _refuse_redirect(self, code: int, target: str) -> NoReturn:
+        """Called for every 3xx redirect: following it would resend the key to ``target``."""
+        raise JudgeError(
+            f"{self.url}: HTTP {code} redirect to {self._clean(target)} refused (the API key is never "
+            f"sent on); use the final URL as the base URL"
+        )
 
     def _raise_http(self, err: urllib.error.HTTPError) -> NoReturn:
         """Turn an HTTP error status into :class:`_Transient` or :class:`JudgeError`."""

@@ -29,7 +29,8 @@ CODE_EXECUTION_HELP = (
 EPILOG = (
     "Generated code (humaneval, mbpp) runs only with --allow-code-execution, in a sandboxed "
     "subprocess; see balora.evaluation.sandbox for what is and is not isolated. Results go to a "
-    "new directory OUTPUT_DIR/eval-BENCHMARK-<timestamp> (metrics.json, records.jsonl)."
+    "new directory OUTPUT_DIR/eval-BENCHMARK-<timestamp> (metrics.json, records.jsonl); mt-bench also "
+    "saves answers.jsonl and judgments.jsonl as it goes, and --resume OUT_DIR continues a stopped run."
 )
 
 
@@ -74,6 +75,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="perplexity corpus: grimm-tales (offline), wikitext-2, or a .txt file/folder")
     p.add_argument("--stride", type=int, default=512, metavar="N", help="perplexity window stride (default 512)")
     p.add_argument("--output-dir", default="runs", help="where the new result directory goes (default runs)")
+    p.add_argument("--resume", metavar="OUT_DIR",
+                   help="mt-bench: continue the unfinished run in OUT_DIR (its saved answers.jsonl and "
+                        "judgments.jsonl), answering and judging only what is missing; failed "
+                        "judgments are judged again")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -129,7 +134,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``balora evaluate`` from parsed arguments; print the metrics and the output directory."""
     metrics, out_dir = run_evaluation(args.model, args.adapter, args.benchmark, args.output_dir,
-                                      **evaluate_options(args))
+                                      resume=args.resume, **evaluate_options(args))
     print("\n" + format_metrics(metrics))
     print(f"\nresults: {Path(out_dir)}")
     return 0

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -41,11 +43,13 @@ from balora.data.hub import load_hub_dataset
 from balora.regularizers.common import check_int
 from balora.run_dir import write_jsonl
 
-from .chat_backends import ChatBackend, Message, backend_name, make_judge
+from .chat_backends import ChatBackend, JudgeError, Message, backend_name, make_judge
 from .generate import chat_reply
 
 __all__ = [
+    "ANSWERS_FILE",
     "JUDGE_PROMPTS",
+    "JUDGMENTS_FILE",
     "MT_BENCH_HUB_ID",
     "REFERENCE_CATEGORIES",
     "JudgePrompt",
@@ -60,7 +64,12 @@ __all__ = [
     "parse_rating",
 ]
 
+logger = logging.getLogger("balora")
+
 MT_BENCH_HUB_ID = "HuggingFaceH4/mt_bench_prompts"
+#: Files of ``eval_mt_bench(save_dir=...)``: one line per answered question / judged turn.
+ANSWERS_FILE = "answers.jsonl"
+JUDGMENTS_FILE = "judgments.jsonl"
 #: Categories graded against a reference answer (as in the paper's FastChat implementation).
 REFERENCE_CATEGORIES = frozenset({"math", "reasoning", "coding"})
 
@@ -143,24 +152,27 @@ JUDGE_PROMPTS: dict[str, JudgePrompt] = {
 }
 
 _NUMBER = r"\s*(\d+(?:\.\d+)?)\s*"
+#: The two forms the judge prompt asks for: ``[[8]]`` (wherever it stands), else ``Rating: 8``
+#: (also ``Rating: [8]``). A bare ``[2]`` is a citation or a list marker, not a verdict.
 _RATING_PATTERNS = (
     re.compile(r"\[\[" + _NUMBER + r"\]\]"),
-    re.compile(r"\[" + _NUMBER + r"\]"),
-    re.compile(r"rating\s*(?:[:=]|is)?" + _NUMBER, re.IGNORECASE),
+    re.compile(r"\brating\s*:\s*(?:\[" + _NUMBER + r"\]|" + _NUMBER + r")", re.IGNORECASE),
 )
 
 
 def parse_rating(text: str) -> float | None:
-    """The judge's 1-10 rating in ``text``, or None.
+    """The judge's 1-10 rating in ``text``, or None (the judgment is then counted as unparsed).
 
-    Looks for ``[[8]]`` / ``[[8.5]]`` first, then ``[8]``, then ``Rating: 8``; within the first
-    pattern that matches, the LAST occurrence wins (the verdict ends the judgment). A rating
-    outside 1-10 gives None rather than falling back to a weaker pattern.
+    Only the judge prompt's format counts: ``[[8]]`` / ``[[8.5]]`` first, else ``Rating: 8``
+    (case-insensitive, colon required); within the first form that matches, the LAST occurrence
+    wins (the verdict ends the judgment). Anything else -- ``See [1] and [2].``, ``my rating is
+    4`` -- is None, and so is a rating outside 1-10 (never rescued by the other form).
     """
     for pattern in _RATING_PATTERNS:
         matches = pattern.findall(text or "")
         if matches:
-            value = float(matches[-1])
+            last = matches[-1]
+            value = float(last if isinstance(last, str) else next(g for g in last if g))
             return value if 1.0 <= value <= 10.0 else None
     return None
 
@@ -241,12 +253,14 @@ def _to_question(row: dict, where: str) -> MTBenchQuestion:
 
 
 def answer_questions(answer_fn: Callable[[list[Message]], str], questions: Sequence[MTBenchQuestion],
-                     *, progress: bool = True) -> list[list[str]]:
+                     *, progress: bool = True,
+                     on_answer: Callable[[MTBenchQuestion, list[str]], None] | None = None) -> list[list[str]]:
     """Answer every turn of every question in a running conversation.
 
     ``answer_fn(messages)`` gets the chat so far (user turns and its own earlier answers, ending
     with the current user turn) and returns the reply. Returns one list of answers per question,
-    one answer per turn.
+    one answer per turn; ``on_answer(question, answers)`` is called as each question is done
+    (to save it at once).
     """
     answers = []
     for question in tqdm(questions, desc="answering", unit="question", disable=not progress):
@@ -261,6 +275,8 @@ def answer_questions(answer_fn: Callable[[list[Message]], str], questions: Seque
             messages.append({"role": "assistant", "content": reply})
             replies.append(reply)
         answers.append(replies)
+        if on_answer is not None:
+            on_answer(question, replies)
     return answers
 
 
@@ -289,7 +305,8 @@ def build_judge_messages(question: MTBenchQuestion, answers: Sequence[str], turn
 
 @dataclass
 class JudgeRecord:
-    """One graded turn; ``score`` is None when the judgment had no readable rating."""
+    """One graded turn; ``score`` is None when the judgment had no readable rating, or when the
+    judge failed (``error`` then holds the one-line reason and ``judgment`` is empty)."""
 
     question_id: int | str
     category: str
@@ -297,21 +314,34 @@ class JudgeRecord:
     score: float | None
     judgment: str
     prompt: str
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``"rated"``, ``"unparsed"`` (no rating in the judge's format) or ``"failed"``."""
+        if self.error is not None:
+            return "failed"
+        return "unparsed" if self.score is None else "rated"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (one JSONL line)."""
-        return asdict(self)
+        """A JSON-ready dict (one JSONL line); ``error`` only for a failed judgment."""
+        row = asdict(self)
+        if self.error is None:
+            del row["error"]
+        return row
 
 
 @dataclass
 class JudgeResult:
-    """Scores over a judged run: means use rated turns only; ``unparsed`` counts the others."""
+    """Scores over a judged run: means use rated turns only; ``unparsed`` counts the judgments
+    without a readable rating, ``failed`` the turns the judge could not grade."""
 
     mean_score: float | None
     per_category: dict[str, float]
     per_turn: dict[int, float]
     unparsed: int
     records: list[JudgeRecord] = field(default_factory=list)
+    failed: int = 0
 
     @classmethod
     def from_records(cls, records: list[JudgeRecord]) -> JudgeResult:
@@ -326,15 +356,16 @@ class JudgeResult:
             mean_score=_mean([r.score for r in rated]),
             per_category={k: _mean(v) for k, v in sorted(by_category.items())},
             per_turn={k: _mean(v) for k, v in sorted(by_turn.items())},
-            unparsed=len(records) - len(rated),
+            unparsed=sum(r.status == "unparsed" for r in records),
             records=records,
+            failed=sum(r.status == "failed" for r in records),
         )
 
     def summary(self) -> dict[str, Any]:
         """The aggregate numbers, without the judgments (JSON-ready)."""
         return {"mean_score": self.mean_score, "per_category": self.per_category,
                 "per_turn": {str(k): v for k, v in self.per_turn.items()},
-                "unparsed": self.unparsed, "judged_turns": len(self.records)}
+                "unparsed": self.unparsed, "failed": self.failed, "judged_turns": len(self.records)}
 
     def write_jsonl(self, path: str | os.PathLike) -> None:
         """Write one JSON object per graded turn to ``path``."""
@@ -348,12 +379,17 @@ def _mean(values: list[float]) -> float | None:
 
 
 def judge_answers(backend: ChatBackend, questions: Sequence[MTBenchQuestion], answers: Sequence[Sequence[str]],
-                  *, progress: bool = True, max_tokens: int = 2048, temperature: float = 0.0) -> JudgeResult:
+                  *, progress: bool = True, max_tokens: int = 2048, temperature: float = 0.0,
+                  done: Mapping[tuple[int | str, int], JudgeRecord] | None = None,
+                  on_record: Callable[[JudgeRecord], None] | None = None) -> JudgeResult:
     """Grade every answered turn with ``backend`` (single-answer grading, 1-10).
 
     ``answers[i][t]`` is the answer to ``questions[i].turns[t]``. Each turn costs one backend
     call; a judgment without a readable rating is kept with ``score=None`` and counted in
-    ``unparsed``. Backend errors (:class:`JudgeError`) stop the run.
+    ``unparsed``. A :class:`JudgeError` on one turn is recorded as a failed record (its one-line
+    reason in ``error``) and the run goes on. ``done`` maps ``(question_id, turn)`` to records
+    judged before (a resumed run): those are reused unless they failed, which are judged again.
+    ``on_record(record)`` is called with each new record as it is made (to save it at once).
     """
     if len(answers) != len(questions):
         raise ValueError(f"got {len(answers)} answer lists for {len(questions)} questions")
@@ -361,15 +397,29 @@ def judge_answers(backend: ChatBackend, questions: Sequence[MTBenchQuestion], an
         if len(replies) != len(question.turns):
             raise ValueError(f"question {question.question_id}: {len(replies)} answer(s) "
                              f"for {len(question.turns)} turn(s)")
+    done = done or {}
     records = []
     bar = tqdm(total=sum(len(q.turns) for q in questions), desc="judging", unit="turn", disable=not progress)
     with bar:
         for question, replies in zip(questions, answers):
             for turn in range(1, len(question.turns) + 1):
+                saved = done.get((question.question_id, turn))
+                if saved is not None and saved.status != "failed":
+                    records.append(saved)
+                    bar.update(1)
+                    continue
                 name, messages = build_judge_messages(question, replies, turn)
-                judgment = backend.complete(messages, max_tokens=max_tokens, temperature=temperature)
-                records.append(JudgeRecord(question.question_id, question.category, turn,
-                                           parse_rating(judgment), judgment, name))
+                try:
+                    judgment = backend.complete(messages, max_tokens=max_tokens, temperature=temperature)
+                    record = JudgeRecord(question.question_id, question.category, turn,
+                                         parse_rating(judgment), judgment, name)
+                except JudgeError as err:
+                    logger.warning("judging question %s turn %d failed: %s", question.question_id, turn, err)
+                    record = JudgeRecord(question.question_id, question.category, turn, None, "", name,
+                                         error=str(err))
+                records.append(record)
+                if on_record is not None:
+                    on_record(record)
                 bar.update(1)
     return JudgeResult.from_records(records)
 
@@ -391,14 +441,21 @@ def eval_mt_bench(
     max_new_tokens: int = 1024,
     progress: bool = True,
     records_path: str | os.PathLike | None = None,
+    save_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """MT-Bench: the model answers every turn (greedy, training's prompt format), the judge
     rates each turn 1-10.
 
     ``judge`` is ``"openai"`` / ``"local"`` (see :func:`balora.evaluation.chat_backends.make_judge`)
     or a ready backend. Returns the judge summary (``mean_score``, ``per_category``,
-    ``per_turn``, ``unparsed``, ``judged_turns``) plus ``n_questions`` and the judge; one record
-    per graded turn.
+    ``per_turn``, ``unparsed``, ``failed``, ``judged_turns``) plus ``n_questions`` and the judge;
+    one record per graded turn.
+
+    With ``save_dir``, every answered question is appended to ``save_dir/answers.jsonl`` and
+    every judged turn (``status`` rated / unparsed / failed, with ``error`` for a failure) to
+    ``save_dir/judgments.jsonl`` as it is produced, and what those files already hold is reused:
+    a run stopped part-way resumes where it stopped, and turns whose judging failed are judged
+    again.
     """
     if max_questions is not None:
         check_int(max_questions, "max_questions")
@@ -406,13 +463,89 @@ def eval_mt_bench(
     backend = judge if not isinstance(judge, str) else make_judge(judge, judge_model, base_url)
     questions = load_mt_bench_questions(path, max_questions=max_questions)
     answer = functools.partial(chat_reply, model, tokenizer, max_new_tokens=max_new_tokens)
-    answers = answer_questions(answer, questions, progress=progress)
-    result = judge_answers(backend, questions, answers, progress=progress)
+    saved_answers: dict[int | str, list[str]] = {}
+    done: dict[tuple[int | str, int], JudgeRecord] = {}
+    on_answer = on_record = None
+    if save_dir is not None:
+        answers_path, judgments_path = Path(save_dir) / ANSWERS_FILE, Path(save_dir) / JUDGMENTS_FILE
+        saved_answers = _saved_answers(answers_path, questions)
+        done = _saved_judgments(judgments_path)
+
+        def on_answer(question: MTBenchQuestion, replies: list[str]) -> None:
+            _append_jsonl(answers_path, {"question_id": question.question_id, "turns": question.turns,
+                                         "answers": replies})
+
+        def on_record(record: JudgeRecord) -> None:
+            _append_jsonl(judgments_path, {**record.to_dict(), "status": record.status})
+
+    todo = [q for q in questions if q.question_id not in saved_answers]
+    new_answers = iter(answer_questions(answer, todo, progress=progress, on_answer=on_answer))
+    answers = [saved_answers[q.question_id] if q.question_id in saved_answers else next(new_answers)
+               for q in questions]
+    result = judge_answers(backend, questions, answers, progress=progress, done=done, on_record=on_record)
     turns = {(q.question_id, t + 1): (q.turns[t], a[t]) for q, a in zip(questions, answers) for t in range(len(a))}
     rows = []
     for r in result.records:
         question, reply = turns[(r.question_id, r.turn)]
-        rows.append({**r.to_dict(), "question": question, "answer": reply})
+        rows.append({**r.to_dict(), "status": r.status, "question": question, "answer": reply})
     if records_path is not None:
         write_jsonl(records_path, rows)
-    return {**result.summary(), "n_questions": len(questions), "judge": backend_name(backend)}
+    return {**result.summary(), "n_questions": len(questions), "judge": backend_name(backend),
+            "resumed_answers": len(saved_answers),
+            "resumed_judgments": sum(r.status != "failed" for r in done.values())}
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk at once (a crash loses at most this line)."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _saved_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines saved in ``path`` (none when it does not exist). A last line cut short by
+    a crash is dropped from the file, so that the next append starts on a fresh line."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        logger.warning("%s: dropping an unfinished last line", path)
+        path.write_text(text, encoding="utf-8")
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path}: line {number} is not valid JSON; cannot resume from it") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object; cannot resume from it")
+        rows.append(row)
+    return rows
+
+
+def _saved_answers(path: Path, questions: Sequence[MTBenchQuestion]) -> dict[int | str, list[str]]:
+    """Saved answers by question id, checked against ``questions`` (same questions, same turns)."""
+    by_id = {q.question_id: q for q in questions}
+    saved = {}
+    for row in _saved_rows(path):
+        question = by_id.get(row.get("question_id"))
+        if question is None or row.get("turns") != question.turns or not (
+                isinstance(row.get("answers"), list) and len(row["answers"]) == len(question.turns)):
+            raise ValueError(f"{path}: the saved answer to question {row.get('question_id')!r} does not match "
+                             f"the questions of this run; resume with the same questions (--data, --max-examples)")
+        saved[question.question_id] = [str(a) for a in row["answers"]]
+    return saved
+
+
+def _saved_judgments(path: Path) -> dict[tuple[int | str, int], JudgeRecord]:
+    """Saved judgments by ``(question_id, turn)``; a later line (a retried turn) replaces an earlier one."""
+    names = ("question_id", "category", "turn", "score", "judgment", "prompt")
+    done = {}
+    for number, row in enumerate(_saved_rows(path), start=1):
+        if any(name not in row for name in names):
+            raise ValueError(f"{path}: line {number} lacks one of {', '.join(names)}; cannot resume from it")
+        record = JudgeRecord(*(row[name] for name in names), error=row.get("error"))
+        done[(record.question_id, record.turn)] = record
+    return done

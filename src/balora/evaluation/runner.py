@@ -12,7 +12,8 @@ The benchmarks, one module each, return a JSON-ready dict of metrics and, given
 
 :func:`run_evaluation` checks the options, loads the model (:mod:`balora.models`), dispatches to
 the benchmark and writes ``metrics.json`` and ``records.jsonl`` into a NEW directory
-``<output_dir>/eval-<benchmark>-<YYYYmmdd-HHMMSS>`` (never overwritten).
+``<output_dir>/eval-<benchmark>-<YYYYmmdd-HHMMSS>`` (never overwritten); an unfinished MT-Bench
+run can be resumed in its own directory (``resume=``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from balora.models import ModelSource, load_causal_lm, load_source, resolve_mode
 from .chat_backends import make_judge
 from .code import CODE_BENCHMARKS, eval_code, refuse_without_opt_in
 from .math import MATH_BENCHMARKS, eval_math
-from .mt_bench import eval_mt_bench
+from .mt_bench import ANSWERS_FILE, JUDGMENTS_FILE, eval_mt_bench
 from .perplexity import eval_perplexity
 
 __all__ = ["BENCHMARKS", "RECORDS_FILE", "run_evaluation"]
@@ -60,6 +61,20 @@ def _bind_options(benchmark: str, options: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _check_resume_dir(benchmark: str, resume: str | os.PathLike) -> Path:
+    """The directory of an unfinished MT-Bench run to continue."""
+    if benchmark != "mt-bench":
+        raise ValueError(f"resume works for mt-bench only, not {benchmark}")
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"cannot resume: {path} is not a directory")
+    if (path / run_dir.METRICS_FILE).exists():
+        raise ValueError(f"cannot resume: {path} holds a finished run ({run_dir.METRICS_FILE} exists)")
+    if not any((path / name).exists() for name in (ANSWERS_FILE, JUDGMENTS_FILE)):
+        raise ValueError(f"cannot resume: {path} holds no saved MT-Bench answers or judgments")
+    return path
+
+
 def _dispatch(benchmark: str, lm, tokenizer, source: ModelSource, records_path: Path, kwargs: dict):
     """Call the benchmark's function; a fully fine-tuned model's perplexity is compared with its base."""
     kwargs = dict(kwargs, records_path=records_path)
@@ -73,6 +88,8 @@ def run_evaluation(
     adapter: str | os.PathLike | None,
     benchmark: str,
     output_dir: str | os.PathLike = "runs",
+    *,
+    resume: str | os.PathLike | None = None,
     **options: Any,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate ``model`` (+ ``adapter``) on ``benchmark`` and write a new run directory.
@@ -83,10 +100,16 @@ def run_evaluation(
     unless ``allow_code_execution=True``; an ``openai`` judge is checked (API key) before the
     model is loaded. Returns ``(metrics, out_dir)``; ``out_dir`` holds ``metrics.json`` (the
     metrics plus what was evaluated, the options and the time taken) and ``records.jsonl``.
+
+    MT-Bench also saves each answer and judgment as it is made (``answers.jsonl``,
+    ``judgments.jsonl``, see :func:`balora.evaluation.mt_bench.eval_mt_bench`), so a failed run
+    keeps its directory; ``resume=OUT_DIR`` continues such an unfinished run in ``OUT_DIR``
+    (same model and options), answering and judging only what is not saved there yet.
     """
     _check_benchmark(benchmark)
     if benchmark in CODE_BENCHMARKS:
         refuse_without_opt_in(options.get("allow_code_execution", False))
+    resume_dir = None if resume is None else _check_resume_dir(benchmark, resume)
     kwargs = _bind_options(benchmark, options)
     recorded = {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v)
                 for k, v in options.items()}
@@ -96,12 +119,15 @@ def run_evaluation(
     source = resolve_model_source(model, adapter)
     start = time.perf_counter()
     lm, tokenizer = load_source(source)
-    out_dir = run_dir.create_run_dir(output_dir, f"eval-{benchmark}")
+    out_dir = resume_dir or run_dir.create_run_dir(output_dir, f"eval-{benchmark}")
+    if benchmark == "mt-bench":
+        kwargs["save_dir"] = out_dir
     try:
         metrics = _dispatch(benchmark, lm, tokenizer, source, out_dir / RECORDS_FILE, kwargs)
     except BaseException:
-        with contextlib.suppress(OSError):
-            out_dir.rmdir()  # only removed while empty: nothing written is ever deleted
+        if resume_dir is None:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only removed while empty: nothing written is ever deleted
         raise
     info = {"benchmark": benchmark, "model": source.base, "adapter": None if adapter is None else str(adapter),
             "options": recorded,

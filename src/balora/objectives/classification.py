@@ -34,6 +34,7 @@ from torch import nn
 
 from balora.objectives.lambdas import LambdaWeights
 from balora.regularizers import formulas
+from balora.regularizers.common import check_finite
 from balora.teacher import SnapshotTeacher, TeacherFeatureCache, unwrap_model
 
 logger = logging.getLogger("balora")
@@ -120,6 +121,7 @@ class ClassificationObjective:
         task_loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
         if task_loss is None:
             raise ValueError("the model returned no loss: classification batches need 'labels'")
+        check_finite(task_loss.detach(), "logits")  # a NaN/inf in the logits makes the task loss NaN/inf
         logs = {"task_loss": task_loss.item()}
         if self.config is None:
             return task_loss, logs

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from balora.objectives.lambdas import LambdaWeights
-from balora.regularizers.common import IGNORE_INDEX
+from balora.regularizers.common import IGNORE_INDEX, check_finite
 from balora.regularizers.tokens import (
     LinearHead,
     QRFactorCache,
@@ -144,6 +144,7 @@ class GenerationObjective:
         with torch.no_grad():
             mine = head_module(hidden[:, -1:]).float()
             theirs = logits[:, -1:].float()
+            check_finite(theirs, "logits")
             scale = theirs.abs().max().clamp_min(1.0)
             if not torch.allclose(mine, theirs, atol=1e-3 * float(scale), rtol=1e-3):
                 raise ValueError(
@@ -216,6 +217,9 @@ class GenerationObjective:
             temperature=c.temperature if c else 2.0, top_k=c.top_k if c else 20,
             consistency_kind=c.consistency_kind if c else "kl", chunk_size=self.chunk_size,
         )
+        # the loss is a sum over the chunked logits: a NaN/inf among them shows here, without a pass
+        # over the M x V logits; same one-line error as the classification objective's
+        check_finite(loss.detach(), "logits")
         logs = {"task_loss": sums.cross_entropy * scale, "valid_tokens": float(m)}
         if c is not None:
             logs.update(lam.logs())

@@ -51,6 +51,16 @@ def no_autocast() -> Iterator[None]:
         yield
 
 
+def check_finite(values: torch.Tensor, name: str = "logits") -> None:
+    """A one-line ``ValueError`` when ``values`` holds a NaN or an inf (one device sync).
+
+    The error every objective raises for non-finite logits; a loss computed from the logits can
+    be passed instead of them (a cheap check of one number).
+    """
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``, else a one-line ``ValueError`` naming ``name``."""
     if value not in choices:

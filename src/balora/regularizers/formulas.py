@@ -36,6 +36,7 @@ from balora.regularizers.common import (
     EPS,
     SVD_NORMALIZATIONS,
     check_choice,
+    check_finite,
     check_int,
     compute_dtype,
     no_autocast,
@@ -67,8 +68,7 @@ def _check_logits(logits, name: str, dims: tuple[int, ...] = (2, 3)) -> None:
         raise ValueError(f"{name} must be floating point, got dtype {logits.dtype}")
     if logits.shape[-1] == 0:
         raise ValueError(f"{name} must have at least one class, got shape {tuple(logits.shape)}")
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError(f"{name} contains NaN or inf values")
+    check_finite(logits, name)
 
 
 def _check_mask(mask, logits: torch.Tensor) -> None:
