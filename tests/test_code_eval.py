@@ -317,3 +317,15 @@ def test_mbpp_rows_pass_and_fail(mbpp_file):
     assert [s.status for s in result.samples] == ["passed", "failed"] * 3
     assert result.pass_at == {1: pytest.approx(0.5)}
     assert result.n_problems == 3
+
+
+@posix_only
+@pytest.mark.parametrize("completion", ["    import os\n    os._exit(0)\n", "    import posix\n    posix._exit(0)\n"])
+def test_a_completion_that_exits_with_code_zero_scores_zero(humaneval, completion):
+    # HumanEval/0: the check() call runs after the function's definition; _exit(0) inside the
+    # function ends the process with code 0 before any assertion could fail
+    problem = humaneval["HumanEval/0"]
+    result = evaluate_completions([problem], {problem.task_id: [completion]}, allow_code_execution=True,
+                                  ks=(1,), **RUN)
+    assert [s.status for s in result.samples] == ["failed"]
+    assert result.pass_at[1] == 0.0

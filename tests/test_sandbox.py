@@ -125,6 +125,22 @@ def test_exiting_early_is_not_a_pass():
     assert "SystemExit" in result.stderr
 
 
+@pytest.mark.parametrize("exit_call", ["import os\nos._exit(0)", "import posix\nposix._exit(0)"])
+def test_exiting_with_code_zero_before_the_end_is_not_a_pass(exit_call):
+    # os._exit skips every handler: the exit code alone (0) would call this a pass
+    result = run_untrusted(f"print('partial', flush=True)\n{exit_call}\nassert False\n", **FAST)
+    assert result.returncode == 0
+    assert result.status == "failed" and not result.passed
+    assert result.stdout == "partial\n"
+
+
+def test_the_completion_token_is_not_part_of_the_output_and_differs_per_run():
+    program = "import sys\nprint(sys.stdin.read() == '')\n"  # stdin is empty for the program
+    first, second = run_untrusted(program, **FAST), run_untrusted(program, **FAST)
+    assert first.passed and second.passed
+    assert first.stdout == second.stdout == "True\n"
+
+
 def test_fresh_working_directory_is_writable_and_deleted_afterwards():
     program = (
         "import os, tempfile, pathlib\n"

@@ -1,7 +1,8 @@
 """Run untrusted, model-generated Python programs with as much containment as the OS allows.
 
 Each program runs as ``python -I -X utf8`` in its own subprocess, in a fresh temporary working
-directory that is deleted afterwards, with stdin closed and a minimal environment (no proxies, no
+directory that is deleted afterwards, with stdin closed (after the runner reads its token) and a
+minimal environment (no proxies, no
 tokens, ``HOME`` and ``TMPDIR`` pointing at the temporary directory).
 
 What is a real OS boundary
@@ -44,17 +45,21 @@ file system is never protected by more than it. For code from a model you do not
 anything adversarial), run the whole evaluation inside a disposable container or VM with no
 network and no credentials mounted.
 
-Status of a run: ``"passed"`` (ran to its end and exited normally), ``"failed"`` (an exception,
-an ``assert``, ``sys.exit`` -- even with code 0 -- or a fatal signal), ``"timeout"`` (wall clock or
+Status of a run: ``"passed"`` (ran to its end and exited normally: the runner then prints a
+random per-run token, given to it on stdin before the program starts, and the parent requires
+it, so ``os._exit(0)`` halfway through the tests is not a pass), ``"failed"`` (an exception,
+an ``assert``, ``sys.exit`` -- even with code 0 --, an exit that skipped the end, or a fatal signal), ``"timeout"`` (wall clock or
 CPU limit) or ``"out_of_memory"`` (``MemoryError`` under ``RLIMIT_AS``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -224,6 +229,11 @@ def _install_guard(workdir):
 def _main():
     cfg = json.loads(sys.argv[1])
     exit_now, stdout, stderr = os._exit, sys.stdout, sys.stderr
+    token = sys.stdin.readline().strip()  # proof of completion, printed only after the program's end
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdin = open(0, closefd=False)
     _set_limits(cfg["limits"])
     with open(cfg["program"], encoding="utf-8") as handle:
         source = handle.read()
@@ -246,6 +256,11 @@ def _main():
             stream.flush()
         except BaseException:
             pass
+    if code == 0:
+        try:
+            os.write(1, ("\n" + token + "\n").encode())
+        except BaseException:
+            code = cfg["failed_exit"]
     exit_now(code)
 
 
@@ -372,12 +387,24 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _classify(returncode: int, timed_out: bool, stderr: str) -> str:
+def _ends_with_token(path: Path, token: str) -> bool:
+    """Whether the program's stdout ends with the run's token line (its proof of completion)."""
+    tail = f"\n{token}\n".encode()
+    size = path.stat().st_size
+    if size < len(tail):
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(size - len(tail))
+        return handle.read() == tail
+
+
+def _classify(returncode: int, timed_out: bool, stderr: str, finished: bool) -> str:
     if timed_out or returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         return "timeout"  # SIGKILL that we did not send: the hard CPU limit
     if returncode == _EXIT_OUT_OF_MEMORY or (returncode < 0 and "MemoryError" in stderr):
         return "out_of_memory"
-    return "passed" if returncode == 0 else "failed"
+    # exit code 0 is not enough: os._exit(0) halfway through the tests also exits with 0
+    return "passed" if returncode == 0 and finished else "failed"
 
 
 def _remove_tree(root: Path) -> None:
@@ -434,23 +461,30 @@ def run_untrusted(
             "failed_exit": _EXIT_FAILED,
         }
         command = [*(prefix or ()), sys.executable, "-I", "-X", "utf8", "-c", _CHILD_MAIN, json.dumps(config)]
+        token = secrets.token_hex(16)  # the child prints it only after the whole program ran
         with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
             start = time.perf_counter()
             proc = subprocess.Popen(
-                command, cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
+                command, cwd=workdir, env=_child_env(workdir), stdin=subprocess.PIPE,
                 stdout=out, stderr=err, start_new_session=True, close_fds=True,
             )
             try:
+                with contextlib.suppress(OSError):  # a child that died at once
+                    proc.stdin.write(f"{token}\n".encode())
+                    proc.stdin.close()
                 exited = _wait_for_exit(proc.pid, timeout_s)
             finally:
                 _kill_group(proc.pid)  # the timeout, or leftovers of a finished program
                 returncode = proc.wait(timeout=_KILL_GRACE_S)
             seconds = time.perf_counter() - start
+        finished = _ends_with_token(root / "stdout", token)
+        if finished:  # the token line is the runner's, not the program's output
+            os.truncate(root / "stdout", (root / "stdout").stat().st_size - len(token) - 2)
         stdout, stderr = _read_capped(root / "stdout"), _read_capped(root / "stderr")
     finally:
         _remove_tree(root)
     return ExecutionResult(
-        status=_classify(returncode, not exited, stderr),
+        status=_classify(returncode, not exited, stderr, finished),
         returncode=returncode,
         stdout=stdout,
         stderr=stderr,
