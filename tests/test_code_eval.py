@@ -329,3 +329,30 @@ def test_a_completion_that_exits_with_code_zero_scores_zero(humaneval, completio
                                   ks=(1,), **RUN)
     assert [s.status for s in result.samples] == ["failed"]
     assert result.pass_at[1] == 0.0
+
+
+@posix_only
+def test_each_sample_records_the_isolation_and_hostile_code_leaves_no_file(humaneval, tmp_path):
+    import tempfile
+
+    from balora.evaluation.sandbox import ISOLATION_KEYS, check_isolation
+
+    problem = humaneval["HumanEval/53"]  # def add(x: int, y: int)
+    shared = tempfile.mkdtemp(prefix="balora-test-")
+    os.chmod(shared, 0o777)  # any uid could write here, were it not for the sandbox
+    target = os.path.join(shared, "pwned")
+    hostile = f"    import posix\n    posix.close(posix.open({target!r}, posix.O_WRONLY | posix.O_CREAT))\n    return x + y\n"
+    try:
+        result = evaluate_completions([problem], {problem.task_id: [problem.canonical_solution, hostile]},
+                                      allow_code_execution=True, ks=(1,), **RUN)
+        written = os.path.exists(target)
+    finally:
+        import shutil
+        shutil.rmtree(shared, ignore_errors=True)
+    expected = check_isolation()
+    assert [s.status for s in result.samples] == ["passed", "failed"]
+    assert all({k: s.isolation[k] for k in ISOLATION_KEYS} == {k: expected[k] for k in ISOLATION_KEYS}
+               for s in result.samples)
+    assert result.to_dict()["sandbox"] == result.isolation and set(ISOLATION_KEYS) <= set(result.isolation)
+    if expected["read_only_fs"]:
+        assert not written

@@ -575,3 +575,87 @@ def test_full_fine_tuning_run_compares_with_its_base(tiny_causal_lm_dir, corpus_
     assert metrics["perplexity"] == pytest.approx(
         sliding_window_perplexity(tuned.eval(), tokenizer, [TALE], **kwargs).perplexity, rel=1e-6)
     assert abs(metrics["perplexity"] - metrics["pretrained_perplexity"]) > 1e-3
+
+
+# ----------------------------------------------------------------------------- flags checked first
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--timeout", "nan"], "--timeout must be a finite number > 0"),
+    (["--timeout", "inf"], "--timeout must be a finite number > 0"),
+    (["--timeout", "0"], "--timeout must be a finite number > 0"),
+    (["--temperature", "-0.5"], "--temperature must be a finite number > 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0"),
+    (["--max-examples", "0"], "--max-examples must be an integer >= 1"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens must be an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+    (["--samples", "0"], "--samples must be an integer >= 1"),
+    (["--stride", "0"], "--stride must be an integer >= 1"),
+    (["--data", "no/such/file.jsonl"], "--data no/such/file.jsonl: no such file"),
+])
+def test_cli_checks_every_flag_before_loading_anything(tmp_path, monkeypatch, flags, message):
+    def boom(*args, **kwargs):
+        raise AssertionError("a bad flag must be refused before any model is loaded")
+
+    monkeypatch.setattr(runner, "load_source", boom)
+    monkeypatch.setattr(runner, "resolve_model_source", boom)
+    args = _parse(["evaluate", "humaneval", "--allow-code-execution", "--output-dir", str(tmp_path / "runs"), *flags])
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as info:
+        run_evaluate(args)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_bad_flag_is_one_line_on_stderr(tmp_path, capsys):
+    from balora.cli import main
+
+    assert main(["evaluate", "gsm8k", "--timeout", "nan", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "balora: error: --timeout must be a finite number > 0, got nan"
+
+
+def test_cli_refuses_root_without_isolation_before_loading(tmp_path, monkeypatch, capsys):
+    from balora.evaluation import cli as eval_cli
+    from balora.evaluation import sandbox
+
+    if os.geteuid() != 0:
+        pytest.skip("only root is refused")
+    monkeypatch.setattr(sandbox, "_probe", lambda namespaced: (None, {"notes": ["simulated: no unshare"]}))
+    seen = {}
+
+    def fake_run_evaluation(model, adapter, benchmark, output_dir, **options):
+        seen.update(options)
+        summary = {**dict.fromkeys(sandbox.ISOLATION_KEYS, False), "unsafe_allow_root": True, "notes": ["simulated"]}
+        return {"benchmark": benchmark, "pass@1": 0.0, "sandbox": summary}, tmp_path / "out"
+
+    monkeypatch.setattr(eval_cli, "run_evaluation", fake_run_evaluation)
+    args = ["evaluate", "humaneval", "--allow-code-execution", "--output-dir", str(tmp_path)]
+    with pytest.raises(sandbox.IsolationUnavailable, match="--unsafe-allow-root"):
+        run_evaluate(_parse(args))
+    assert seen == {}  # nothing was loaded or run
+    assert run_evaluate(_parse([*args, "--unsafe-allow-root"])) == 0
+    assert seen["unsafe_allow_root"] is True
+    out = capsys.readouterr().out
+    assert "sandbox: pid_namespace=no read_only_fs=no unprivileged=no network_isolated=no seccomp=no " \
+           "unsafe_allow_root=yes (simulated)" in out
+
+
+@posix_only
+def test_humaneval_cli_records_and_prints_the_isolation(tiny_causal_lm_dir, tmp_path, capsys):
+    from balora.evaluation.sandbox import ISOLATION_KEYS, check_isolation
+
+    data = _write_jsonl(tmp_path / "toy.jsonl", HUMANEVAL_ROWS)
+    args = _parse(["evaluate", "humaneval", "--model", tiny_causal_lm_dir, "--data", str(data),
+                   "--allow-code-execution", "--max-new-tokens", "8", "--timeout", "5",
+                   "--output-dir", str(tmp_path / "runs"), "--no-progress"])
+    assert run_evaluate(args) == 0
+    (out_dir,) = (tmp_path / "runs").glob("eval-humaneval-*")
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    expected = check_isolation()
+    assert {k: metrics["sandbox"][k] for k in ISOLATION_KEYS} == {k: expected[k] for k in ISOLATION_KEYS}
+    records = [json.loads(line) for line in (out_dir / "records.jsonl").read_text().splitlines()]
+    assert all(r["sandbox"]["pid_namespace"] == expected["pid_namespace"] for r in records) and len(records) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sandbox: ")]
+    assert len(lines) == 1
+    if os.uname().sysname == "Linux":  # the isolation this machine must give
+        assert lines[0] == "sandbox: " + " ".join(f"{k}=yes" for k in ISOLATION_KEYS)

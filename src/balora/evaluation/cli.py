@@ -1,7 +1,10 @@
 """The ``balora evaluate BENCHMARK`` sub-command (a thin layer over :mod:`balora.evaluation.runner`).
 
-``add_evaluate_parser(subparsers)`` registers it; ``run_evaluate(args)`` runs it, prints a short
-result table and the output directory, and returns the exit code. User errors propagate as
+``add_evaluate_parser(subparsers)`` registers it; ``run_evaluate(args)`` checks every flag
+(:func:`validate_args`) and, for a code benchmark, the sandbox's isolation BEFORE a model is
+loaded or a directory created, runs it, prints a short result table (for code benchmarks also
+one line of what the sandbox had in force) and the output directory, and returns the exit
+code. User errors propagate as
 ``ValueError`` / ``FileNotFoundError`` / ``AssetNotInstalled`` / ``ConnectionError`` (a hub data
 set out of reach: ``balora.data.hub.HubLoadError``) for ``balora.cli.main`` to report in one line.
 """
@@ -9,21 +12,29 @@ set out of reach: ``balora.data.hub.HubLoadError``) for ``balora.cli.main`` to r
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
 from typing import Any
 
 from .code import CODE_BENCHMARKS
 from .math import MATH_BENCHMARKS
 from .runner import BENCHMARKS, run_evaluation
+from .sandbox import check_isolation, format_isolation
 
-__all__ = ["add_evaluate_parser", "evaluate_options", "format_metrics", "run_evaluate"]
+__all__ = ["add_evaluate_parser", "evaluate_options", "format_metrics", "run_evaluate", "validate_args"]
 
 CODE_EXECUTION_HELP = (
     "allow running the model-generated code (humaneval, mbpp). Without it the code benchmarks "
-    "refuse before generating anything. The code runs in a sandboxed subprocess (own process "
-    "group, resource limits, no network when the OS allows a network namespace, and Python-level "
-    "guards that a hostile program can bypass; the file system is NOT isolated): see the "
-    "docstring of balora.evaluation.sandbox, and use a disposable container for untrusted models"
+    "refuse before generating anything. On Linux each program runs in its own PID, mount and "
+    "network namespaces, with every file system read-only but its temporary directory, as an "
+    "unprivileged user, with a seccomp filter against sockets and resource limits; it can still "
+    "read world-readable files, and a hostile program can fake its own pass. See the docstring "
+    "of balora.evaluation.sandbox; the summary prints what was in force"
+)
+UNSAFE_ROOT_HELP = (
+    "code: as root, run the generated code even where the sandbox cannot isolate it (no "
+    "namespaces or no privilege drop); without it such a run is refused. The results record it"
 )
 
 EPILOG = (
@@ -62,6 +73,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-code-execution", action="store_true", help=CODE_EXECUTION_HELP)
     p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                    help="code: seconds each generated program may run (default 10)")
+    p.add_argument("--unsafe-allow-root", action="store_true", help=UNSAFE_ROOT_HELP)
     p.add_argument("--judge", choices=("openai", "local"), default="openai",
                    help="mt-bench judge: an OpenAI-compatible server (key in OPENAI_API_KEY) or a "
                         "local model (default openai)")
@@ -99,7 +111,8 @@ def evaluate_options(args: argparse.Namespace) -> dict[str, Any]:
         return dict(path=args.data, max_examples=args.max_examples, samples=args.samples,
                     temperature=args.temperature, ks=_pass_at_ks(args.samples),
                     allow_code_execution=args.allow_code_execution, timeout_s=args.timeout,
-                    batch_size=args.batch_size, progress=progress, **tokens)
+                    unsafe_allow_root=args.unsafe_allow_root, batch_size=args.batch_size,
+                    progress=progress, **tokens)
     if b == "perplexity":
         corpus = args.corpus
         if args.data is not None:
@@ -118,10 +131,11 @@ def _fmt(value: Any) -> str:
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    """A two-column table of the scalar metrics (nested dicts flattened as ``key.sub``)."""
+    """A two-column table of the scalar metrics (nested dicts flattened as ``key.sub``; the
+    sandbox's isolation is left to its own line, see :func:`run_evaluate`)."""
     rows: list[tuple[str, str]] = []
     for key, value in metrics.items():
-        if key in ("options", "seconds"):
+        if key in ("options", "seconds", "sandbox"):
             continue
         if isinstance(value, dict):
             rows += [(f"{key}.{k}", _fmt(v)) for k, v in value.items() if not isinstance(v, (dict, list))]
@@ -131,10 +145,44 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the flags before anything is loaded or created: a one-line ``ValueError`` (or
+    ``FileNotFoundError`` for ``--data``) naming the flag."""
+    for name in ("max_examples", "max_new_tokens", "batch_size", "samples", "stride"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"{_flag(name)} must be an integer >= 1, got {value}")
+    for name in ("timeout", "temperature"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{_flag(name)} must be a finite number > 0, got {value}")
+    if getattr(args, "data", None) is not None:
+        path = Path(args.data)
+        if not path.exists():
+            raise FileNotFoundError(f"--data {path}: no such file or directory")
+        try:
+            if path.is_dir():
+                os.listdir(path)
+            else:
+                with open(path, "rb") as handle:
+                    handle.read(1)
+        except OSError as err:
+            raise ValueError(f"--data {path} cannot be read: {err.strerror}") from None
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``balora evaluate`` from parsed arguments; print the metrics and the output directory."""
+    validate_args(args)
+    if args.benchmark in CODE_BENCHMARKS and args.allow_code_execution:  # refuse before the model loads
+        check_isolation(unsafe_allow_root=args.unsafe_allow_root)
     metrics, out_dir = run_evaluation(args.model, args.adapter, args.benchmark, args.output_dir,
                                       resume=args.resume, **evaluate_options(args))
     print("\n" + format_metrics(metrics))
+    if metrics.get("sandbox"):
+        print(f"sandbox: {format_isolation(metrics['sandbox'])}")
     print(f"\nresults: {Path(out_dir)}")
     return 0
