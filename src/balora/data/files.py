@@ -10,13 +10,16 @@ read as UTF-8 (a byte-order mark is dropped).
   (typically text holding an unquoted delimiter) is a bad row: it is listed in
   :attr:`Table.long_rows` (readers that need whole rows skip it, as classification data does)
   and reported in one warning on the ``"balora"`` logger naming its line.
-* ``.jsonl`` holds one JSON object per line; ``.json`` holds one JSON array of objects, or JSON
-  lines.
+* ``.jsonl`` holds one JSON object per line (lines end at ``\n``, ``\r\n`` or ``\r`` only: a
+  U+2028 or U+0085 inside a JSON string is text); ``.json`` holds one JSON array of objects, or
+  JSON lines.
 * Blank lines are skipped and counted (:attr:`Table.blank_lines`).
 
 Every problem with a file (missing, not a file, unknown suffix, malformed, not UTF-8 (naming
-the line), no rows) raises a one-line error that names what the file is for and its path:
-``FileNotFoundError`` for a missing file, ``ValueError`` for everything else.
+the line), a JSON line the decoder refuses (naming the line: syntax, nesting too deep, an
+integer of more than 4300 digits), no rows, no column names) raises a one-line error that
+names what the file is for and its path: ``FileNotFoundError`` for a missing file,
+``ValueError`` for everything else.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import gzip
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,26 +110,45 @@ def _delimited(text: str, tsv: bool, path: Path, what: str) -> Table:
     return Table(rows, list(header), blank, long_rows)
 
 
+#: The line ends of JSON lines: JSON strings cannot hold a raw CR or LF, but may hold U+2028 or U+0085,
+#: where ``str.splitlines`` would also break.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _json_value(text: str) -> object:
+    """``json.loads(text)``; every failure (syntax, an integer of more than 4300 digits, nesting deeper
+    than the interpreter's recursion limit) is a ValueError with a one-line reason."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} at column {exc.colno}" if exc.lineno == 1 else str(exc)) from None
+    except ValueError as exc:
+        raise ValueError(" ".join(str(exc).split(";")[0].split())) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _json(text: str, array_allowed: bool, path: Path, what: str) -> Table:
     """Rows of a JSON array of objects (``.json`` only) or of JSON lines."""
     blank = 0
     if array_allowed and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
+            rows = _json_value(text)
+        except ValueError as exc:
             raise ValueError(f"cannot read {what} {path}: not valid JSON ({exc})") from None
     else:
         rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        lines = _LINE_END.split(text)
+        if lines[-1] == "":  # the end of the last line
+            lines.pop()
+        for lineno, line in enumerate(lines, start=1):
             if not line.strip():
                 blank += 1
                 continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"cannot read {what} {path}: line {lineno} is not valid JSON ({exc.msg})"
-                ) from None
+                rows.append(_json_value(line))
+            except ValueError as exc:
+                raise ValueError(f"cannot read {what} {path}: line {lineno} is not valid JSON ({exc})") from None
     if not all(isinstance(row, dict) for row in rows):
         raise ValueError(
             f"cannot read {what} {path}: it must hold JSON objects (one per line, or an array of objects)"
@@ -182,6 +205,8 @@ def read_table(path: str | Path, *, what: str = "data file") -> Table:
             table = _json(text, suffix == ".json", file, what)
     if not table.rows:
         raise ValueError(f"{what} {file} has no rows")
+    if not any(str(c).strip() for c in table.columns):  # an empty header line, or only {} records
+        raise ValueError(f"{what} {file} has no column names (an empty header line, or only empty records)")
     if table.long_rows:
         n, lines = len(table.long_rows), list(table.long_rows.values())
         shown = ", ".join(map(str, lines[:5])) + (", ..." if n > 5 else "")

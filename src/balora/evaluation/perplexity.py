@@ -228,17 +228,17 @@ def load_perplexity_texts(name_or_path: str) -> list[str]:
       transformers guide uses it (empty lines included; they become paragraph breaks when joined);
     * a local ``.txt`` file (one text) or a folder of ``.txt`` files (one text per file).
     """
-    from balora.data.orange import ORANGE_TEXTS, load_orange_texts
+    from balora.data.texts import TEXT_CORPORA, load_texts
 
     name = str(name_or_path)
-    if name in ORANGE_TEXTS:
-        return load_orange_texts(name)
+    if name in TEXT_CORPORA:
+        return load_texts(name)
     if name.lower() in ("wikitext-2", "wikitext2"):
         return _load_wikitext2()
     path = Path(name).expanduser()
     if path.exists():
         return _read_txt(path)
-    known = ", ".join([*ORANGE_TEXTS, "wikitext-2"])
+    known = ", ".join([*TEXT_CORPORA, "wikitext-2"])
     raise ValueError(f"unknown perplexity corpus {name!r}: not a file or folder; known names: {known}")
 
 

@@ -30,9 +30,10 @@ from balora.models import ModelSource, load_causal_lm, load_source, resolve_mode
 
 from .chat_backends import make_judge
 from .code import CODE_BENCHMARKS, eval_code, refuse_without_opt_in
-from .math import MATH_BENCHMARKS, eval_math
+from .math import MATH_BENCHMARKS, eval_math, trained_on_gsm_symbolic
 from .mt_bench import ANSWERS_FILE, JUDGMENTS_FILE, eval_mt_bench
 from .perplexity import eval_perplexity
+from .sandbox import check_isolation
 
 __all__ = ["BENCHMARKS", "RECORDS_FILE", "run_evaluation"]
 
@@ -98,7 +99,9 @@ def run_evaluation(
     ``options`` go to the benchmark's function (``eval_math`` / ``eval_code`` /
     ``eval_perplexity`` / ``eval_mt_bench``). Code benchmarks refuse before anything is loaded
     unless ``allow_code_execution=True``; an ``openai`` judge is checked (API key) before the
-    model is loaded. Returns ``(metrics, out_dir)``; ``out_dir`` holds ``metrics.json`` (the
+    model is loaded. GSM8K leaves out the problems the GSM-Symbolic templates rewrite when the
+    evaluated run or adapter was trained on ``gsm-symbolic`` (unless ``exclude_gsm_symbolic``
+    is given). Returns ``(metrics, out_dir)``; ``out_dir`` holds ``metrics.json`` (the
     metrics plus what was evaluated, the options and the time taken) and ``records.jsonl``.
 
     MT-Bench also saves each answer and judgment as it is made (``answers.jsonl``,
@@ -109,6 +112,7 @@ def run_evaluation(
     _check_benchmark(benchmark)
     if benchmark in CODE_BENCHMARKS:
         refuse_without_opt_in(options.get("allow_code_execution", False))
+        check_isolation(unsafe_allow_root=options.get("unsafe_allow_root", False))  # before the model loads
     resume_dir = None if resume is None else _check_resume_dir(benchmark, resume)
     kwargs = _bind_options(benchmark, options)
     recorded = {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v)
@@ -117,6 +121,8 @@ def run_evaluation(
         kwargs["judge"] = make_judge(kwargs.get("judge", "openai"), kwargs.pop("judge_model", None),
                                      kwargs.pop("base_url", None))
     source = resolve_model_source(model, adapter)
+    if benchmark == "gsm8k" and options.get("exclude_gsm_symbolic") is None:  # GSM-Symbolic rewrites GSM8K test
+        kwargs["exclude_gsm_symbolic"] = trained_on_gsm_symbolic(source.adapter_dir or source.full_model_dir)
     start = time.perf_counter()
     lm, tokenizer = load_source(source)
     out_dir = resume_dir or run_dir.create_run_dir(output_dir, f"eval-{benchmark}")

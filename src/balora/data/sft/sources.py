@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
+import pyarrow
 
 from balora.data.files import SUFFIXES, read_records
 from balora.data.hub import load_hub_dataset
@@ -46,10 +47,44 @@ def _looks_local(source: str) -> bool:
 
 
 def _from_file(source: str) -> datasets.Dataset:
-    """The rows of a local data file; a key missing from a row becomes ``None`` there."""
+    """The rows of a local data file; a key missing from a row becomes ``None`` there.
+
+    A column whose values Arrow cannot hold in one type (a number in one row and a text in
+    another, a list and a text, an integer beyond 64 bits) is a one-line ValueError naming the
+    file, the column and the first row that breaks it; so is a value nested too deeply.
+    """
     rows = read_records(source, what="SFT data file")
-    columns = dict.fromkeys(key for row in rows for key in row)
-    return datasets.Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns})
+    columns = {key: [row.get(key) for row in rows] for key in dict.fromkeys(k for row in rows for k in row)}
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except RecursionError:  # datasets copies the features recursively
+        raise ValueError(f"cannot read SFT data file {source}: a value is nested too deeply") from None
+    except (pyarrow.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        for key, values in columns.items():
+            reason = _arrow_failure(values)
+            if reason is not None:
+                raise ValueError(f"cannot read SFT data file {source}: column {key!r}: {reason}; "
+                                 "give every row the same type") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read SFT data file {source}: {type(exc).__name__}: {first}") from None
+
+
+def _arrow_failure(values: list) -> str | None:
+    """Why Arrow cannot hold ``values`` as one column (naming the first row that breaks it), or None."""
+    try:
+        pyarrow.array(values)
+        return None
+    except (pyarrow.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    low, high = 1, len(values)  # the shortest failing prefix: its last row is the first bad one
+    while low < high:
+        mid = (low + high) // 2
+        try:
+            pyarrow.array(values[:mid])
+            low = mid + 1
+        except (pyarrow.ArrowException, TypeError, ValueError, OverflowError):
+            high = mid
+    return f"row {low} holds a value that cannot be stored with the rows before it ({first})"
 
 
 def _from_folder(folder: Path, cache_dir: str | None) -> datasets.Dataset:
