@@ -129,7 +129,14 @@ def _method_section(config: RunConfig, spec: MethodSpec, num_classes: int | None
                  ("alpha", a.alpha if a.alpha is not None else f"{a.rank} (= r)"), ("dropout", a.dropout),
                  ("target modules", ", ".join(a.target_modules) if isinstance(a.target_modules, list)
                   else a.target_modules or "PEFT's default for the architecture")]
-        if spec.mutates_base:
+        if spec.base == "loraplus":
+            rows.append(("optimiser", f"LoRA+ (PEFT create_loraplus_optimizer): B at {a.loraplus_lr_ratio}× "
+                                      "the learning rate of A"))
+        elif spec.base == "lorafa":
+            rows.append(("optimiser", "LoRA-FA (PEFT create_lorafa_optimizer): A frozen at its init, B trained"))
+        if spec.base == "adalora":
+            rows.append(("saved as", "AdaLoRA adapter at the ranks its budget schedule kept"))
+        elif spec.mutates_base:
             rows.append(("saved as", f"plain LoRA of rank {2 * a.rank} (PEFT's conversion), for the ORIGINAL "
                                      "base model"))
     text = "## Method and settings\n\n" + _table(("setting", "value"), rows)
@@ -142,12 +149,7 @@ def _method_section(config: RunConfig, spec: MethodSpec, num_classes: int | None
 
 
 def _init_text(spec: MethodSpec) -> str:
-    if spec.base.startswith("pissa"):
-        niter = spec.base.partition("_niter_")[2]
-        return "PiSSA: principal singular vectors of the pre-trained weights" + (
-            f" (randomized SVD, {niter} iterations)" if niter else " (exact SVD)")
-    return {"lora": "LoRA: A Kaiming-uniform, B = 0", "dora": "DoRA: LoRA init plus a learned magnitude vector",
-            "olora": "OLoRA: QR of the pre-trained weights"}.get(spec.base, f"PEFT init_lora_weights={spec.base}")
+    return spec.description
 
 
 def _regularizer_rows(r: RegularizerConfig, family: str, num_classes: int | None) -> list[tuple[str, Any]]:

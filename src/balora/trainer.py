@@ -14,18 +14,35 @@ runs in the student's precision (the snapshot swap clears the autocast weight ca
 :mod:`balora.teacher`). Evaluation uses the model's own loss and never adds regularisers.
 Datasets may carry an ``example_id`` column (needed by the teacher feature cache); it never
 reaches the model.
+
+Methods that are more than an adapter (``adapter=`` the run's :class:`~balora.config.AdapterConfig`):
+
+* ``loraplus`` / ``lorafa``: the optimiser is PEFT's ``create_loraplus_optimizer`` (AdamW with
+  B's learning rate ``adapter.loraplus_lr_ratio`` × A's) or ``create_lorafa_optimizer`` (A
+  frozen, B's gradient projected as in LoRA-FA), at ``learning_rate`` and ``weight_decay``;
+* ``adalora`` (found from the model): the budget schedule gets the run's real number of steps
+  when training starts (:func:`balora.adapters.set_adalora_schedule`), PEFT's
+  ``update_and_allocate(global_step)`` runs after every optimiser step (gradients still there),
+  and the orthogonality penalty ``adapter.adalora_orth_reg_weight`` × R(P, Q) is added to every
+  objective's loss and logged as ``reg_orthogonal`` (PEFT would add it only to a loss the model
+  computes from labels, which the generation objective does not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 
-from transformers import Trainer
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from balora.adapters import adalora_orthogonal_loss, is_adalora, peft_orthogonal_penalty_off, set_adalora_schedule
+from balora.config import AdapterConfig
+from balora.methods import parse_method
 from balora.objectives import Objective
 from balora.objectives.classification import EXAMPLE_ID
-from balora.teacher import SnapshotTeacher
+from balora.teacher import SnapshotTeacher, unwrap_model
 
 logger = logging.getLogger("balora")
 
@@ -35,15 +52,24 @@ class ObjectiveMixin:
 
     ``class MySFTTrainer(ObjectiveMixin, trl.SFTTrainer): pass`` gives TRL's trainer (its data
     handling, chat templates and padding-free packing) the BA-LoRA loss and logging; :class:`BALoRATrainer` is
-    ``ObjectiveMixin`` on the plain ``Trainer``.
+    ``ObjectiveMixin`` on the plain ``Trainer``. ``adapter``: the method's :class:`~balora.config.AdapterConfig`,
+    read for the LoRA+ / LoRA-FA optimisers and AdaLoRA's schedule (required for an AdaLoRA model).
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the number of
     # gradient accumulation steps (it would not for models that take loss kwargs otherwise).
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, objective: Objective, teacher: SnapshotTeacher | None = None, **kwargs):
+    def __init__(self, *args, objective: Objective, teacher: SnapshotTeacher | None = None,
+                 adapter: AdapterConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.adapter = adapter
+        self._adalora = is_adalora(unwrap_model(self.model))
+        if self._adalora:
+            if adapter is None or not parse_method(adapter.method).adalora:
+                raise ValueError("an AdaLoRA model needs adapter=AdapterConfig(method='adalora', ...) "
+                                 "for its budget schedule")
+            self.add_callback(AdaLoraBudgetCallback(adapter))
         if teacher is not None:
             objective.teacher = teacher
         if objective.needs_teacher and objective.teacher is None:
@@ -63,13 +89,25 @@ class ObjectiveMixin:
         if not model.training:
             inputs = {k: v for k, v in inputs.items() if k != EXAMPLE_ID}
             return super().compute_loss(model, inputs, return_outputs=return_outputs)
-        with self.accelerator.autocast():
+        peft_model = unwrap_model(model)
+        penalty_off = peft_orthogonal_penalty_off(peft_model) if self._adalora else contextlib.nullcontext()
+        with self.accelerator.autocast(), penalty_off as orth_weight:
             loss, logs = self.objective(model, inputs, step=self.state.global_step,
                                         total_steps=max(self.state.max_steps, 1))
+        if self._adalora and orth_weight > 0:
+            orthogonal = adalora_orthogonal_loss(peft_model)
+            loss = loss + orth_weight * orthogonal.to(loss.dtype)
+            logs["reg_orthogonal"] = orthogonal.item()
         for key, value in logs.items():  # each key is averaged over the steps that reported it
             self._sums[key] += value
             self._counts[key] += 1
         return (loss, None) if return_outputs else loss
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """PEFT's optimiser of the method (LoRA+, LoRA-FA), else the ``Trainer``'s."""
+        if self.optimizer is None and self.adapter is not None:
+            self.optimizer = method_optimizer(unwrap_model(self.model), self.adapter, self.args)
+        return self.optimizer if self.optimizer is not None else super().create_optimizer(model)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = {k: v for k, v in inputs.items() if k != EXAMPLE_ID}
@@ -90,3 +128,46 @@ class ObjectiveMixin:
 
 class BALoRATrainer(ObjectiveMixin, Trainer):
     """Trainer whose training loss is a balora objective (task loss + regularisers)."""
+
+
+def method_optimizer(model: torch.nn.Module, adapter: AdapterConfig,
+                     args: TrainingArguments) -> torch.optim.Optimizer | None:
+    """The optimiser a method prescribes, from PEFT, or None for the ``Trainer``'s default.
+
+    ``loraplus``: ``create_loraplus_optimizer`` with the optimiser class and settings of ``args``
+    (AdamW by default), A (and the head's weight) at ``learning_rate``, B and every 1-D parameter
+    at ``loraplus_lr_ratio`` × ``learning_rate`` (PEFT's grouping). ``lorafa``:
+    ``create_lorafa_optimizer`` (AdamW on B with LoRA-FA's projected gradient, A frozen).
+    """
+    spec = parse_method(adapter.method)
+    if spec.optimizer == "loraplus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+        return create_loraplus_optimizer(model, optimizer_cls, lr=args.learning_rate,
+                                         loraplus_lr_ratio=adapter.loraplus_lr_ratio,
+                                         loraplus_weight_decay=args.weight_decay, **kwargs)
+    if spec.optimizer == "lorafa":
+        from peft.optimizers import create_lorafa_optimizer
+
+        alpha = adapter.alpha if adapter.alpha is not None else adapter.rank
+        return create_lorafa_optimizer(model, r=adapter.rank, lora_alpha=alpha, lr=args.learning_rate,
+                                       weight_decay=args.weight_decay)
+    return None
+
+
+class AdaLoraBudgetCallback(TrainerCallback):
+    """AdaLoRA's budget schedule in a ``Trainer``: set for the run's steps at the start, then
+    ``update_and_allocate(global_step)`` after each optimiser step, before the gradients are zeroed."""
+
+    def __init__(self, adapter: AdapterConfig):
+        self.adapter = adapter
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tinit, tfinal = set_adalora_schedule(unwrap_model(model), self.adapter, state.max_steps)
+        logger.info("adalora: %d steps at rank %d, pruning to an average rank %d until step %d",
+                    tinit, *self.adapter.adalora_ranks(), state.max_steps - tfinal)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        unwrap_model(model).base_model.update_and_allocate(state.global_step)
