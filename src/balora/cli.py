@@ -1,7 +1,9 @@
 """Command line: ``balora train CONFIG.yaml [key=value ...]``, ``balora demo``, ``balora evaluate``,
-``balora predict RUN_OR_ADAPTER [TEXT ...]`` and ``balora config [SECTION]``.
+``balora predict RUN_OR_ADAPTER [TEXT ...]``, ``balora experiment run|report SPEC``,
+``balora calibrate CONFIG`` and ``balora config [SECTION]``.
 
-A thin layer over balora.runs, balora.demo, balora.evaluation, balora.predict and balora.config. User mistakes
+A thin layer over balora.runs, balora.demo, balora.evaluation, balora.predict, balora.experiments
+and balora.config. User mistakes
 (a bad config value, a missing file, an asset that is not installed) end in one clear line on
 stderr and exit code 2; ``--debug`` shows the traceback instead.
 """
@@ -15,11 +17,12 @@ import sys
 from balora.assets import AssetNotInstalled
 from balora.config import SECTIONS, ConfigError, describe_config, load_config
 from balora.evaluation.cli import add_evaluate_parser, run_evaluate
+from balora.experiments.store import StoreError
 from balora.models import ModelLoadError
 from balora.predict import FORMATS, check_output, predict, write_predictions
 
 USER_ERRORS = (ConfigError, AssetNotInstalled, ModelLoadError, FileNotFoundError, FileExistsError, ValueError,
-               ConnectionError)
+               ConnectionError, StoreError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
     _add_predict_parser(sub)
+    _add_experiment_parser(sub)
+    _add_calibrate_parser(sub)
 
     config = sub.add_parser(
         "config", help="list every run-config key with its type, default and help",
@@ -55,6 +60,49 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("section", nargs="?", metavar="SECTION",
                         help=f"list only this section: {', '.join(('run', *SECTIONS))}")
     return parser
+
+
+def _add_calibrate_parser(sub) -> None:
+    from balora.calibrate import CALIBRATION_MODES, DEFAULT_TARGET_SHARE
+
+    parser = sub.add_parser(
+        "calibrate", help="propose λ1-3 from the gradient share of each regulariser (paper D.1)",
+        description="Measure, on a few training batches of the run's own model and data, the gradient norm "
+                    "of each regulariser relative to the task loss's, and propose λs that give the "
+                    "regularisers the chosen share. Nothing is written; use the proposal in the config, or "
+                    "set regularizers.lambdas=auto to calibrate at the start of a run.")
+    parser.add_argument("config", nargs="?", help="YAML run config of a +reg method (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--mode", choices=CALIBRATION_MODES, default="scale",
+                        help="scale: one factor on the configured λs (keeps their ratios); shares: one λ per term")
+    parser.add_argument("--target-share", type=float, default=DEFAULT_TARGET_SHARE, metavar="RHO",
+                        help=f"regularisers' gradient norm / task loss's (default {DEFAULT_TARGET_SHARE})")
+    parser.add_argument("--batches", type=int, default=4, metavar="N", help="measured batches (default 4)")
+    parser.add_argument("--drift-steps", type=int, default=10, metavar="N",
+                        help="task-only steps first, undone afterwards (default 10; at step 0 the consistency "
+                             "term has no gradient)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _calibrate(args) -> int:
+    import json
+
+    from balora.calibrate import calibrate_run
+
+    if args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    config = load_config(args.config, args.overrides)
+    result = calibrate_run(config, batches=args.batches, drift_steps=args.drift_steps, mode=args.mode,
+                           target_share=args.target_share)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    print(f"\ngradient shares on {result.batches} batches after {result.drift_steps} task-only steps "
+          f"(mode {result.mode}, target share {result.target_share:g}):\n")
+    print(result.table())
+    print("\nset: " + " ".join(f"regularizers.lambda_{t}={v:.4g}" for t, v in result.proposed.items()))
+    return 0
 
 
 def _add_predict_parser(sub) -> None:
@@ -82,6 +130,54 @@ def _add_predict_parser(sub) -> None:
                         help="classifier: truncate inputs to N tokens (default the run's model.max_length)")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", help="causal LM: tokens per completion (default 256)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown for --file)")
+
+
+def _add_experiment_parser(sub) -> None:
+    parser = sub.add_parser(
+        "experiment", help="run a grid of runs (methods × data × seeds × variants) and report it",
+        description="An experiment is a YAML spec: a base run config and the axes that vary around it. `run` "
+                    "trains every cell without a finished result into the experiment's store and resumes an "
+                    "interrupted grid; `report` writes Markdown and CSV tables and figures from the store.",
+        epilog="Example: `balora experiment run configs/experiments/tiny.yaml --dry-run`.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="run every cell of a spec without a finished result")
+    run.add_argument("spec", metavar="SPEC", help="experiment spec (YAML)")
+    run.add_argument("--store", metavar="DIR", help="the experiment's store (default runs/experiments/<name>)")
+    run.add_argument("--dry-run", action="store_true", help="print the cells (and their status in the store) and exit")
+    run.add_argument("--retry-failed", action="store_true", help="run the failed cells again")
+    run.add_argument("--executor", default="local", help="how cells run: local (one at a time on this machine)")
+    run.add_argument("--in-process", action="store_true",
+                     help="run the cells in this process instead of one child process per cell")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report = actions.add_parser("report", help="write the tables, comparisons and figures of an experiment")
+    report.add_argument("source", metavar="SPEC_OR_STORE", help="experiment spec (YAML) or store directory")
+    report.add_argument("--store", metavar="DIR", help="with a spec: its store (default runs/experiments/<name>)")
+    report.add_argument("--output", metavar="DIR", help="where the report goes (default <store>/report)")
+
+
+def _experiment(args) -> int:
+    from balora import experiments
+
+    if args.action == "report":
+        path = experiments.write_report(*experiments.open_experiment(args.source, args.store), out_dir=args.output)
+        print(f"report: {path}")
+        return 0
+    spec = experiments.load_spec(args.spec)
+    if args.dry_run:
+        print(experiments.describe_plan(spec, args.store))
+        return 0
+    summary = experiments.run_experiment(spec, args.store, retry_failed=args.retry_failed, executor=args.executor,
+                                         in_process=args.in_process, progress=not args.no_progress)
+    print(f"\n{len(summary.finished)} cell(s) finished now, {len(summary.kept)} finished before, "
+          f"{len(summary.failed)} failed; store: {summary.store}")
+    if summary.waiting:
+        print(f"no candidate of the selection finished for: {', '.join(summary.waiting)}")
+    if summary.failed:
+        print(f"failed: {', '.join(summary.failed)} (errors in {summary.store / 'cells'}; "
+              "run again with --retry-failed)")
+    print(f"report: balora experiment report {summary.store}")
+    return 1 if summary.failed or summary.waiting else 0
 
 
 def _predict(args) -> int:
@@ -148,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "predict":
             return _predict(args)
+        if args.command == "experiment":
+            return _experiment(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         return _train(args) if args.command == "train" else _demo(args)
     except USER_ERRORS as err:
         if args.debug:
@@ -155,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"balora: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("balora: interrupted; resume a run with `balora train --resume RUN_DIR`", file=sys.stderr)
+        hint = ("run the same command again to resume the grid" if args.command == "experiment"
+                else "resume a run with `balora train --resume RUN_DIR`")
+        print(f"balora: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

@@ -78,6 +78,8 @@ def _check_schedule(value: Any, name: str) -> None:
     """A schedule is a kind name or a mapping of a kind name and numeric ratios (a one-line error)."""
     if isinstance(value, dict):
         for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{name} has the key {key!r}; schedule fields are names (kind, warmup_ratio, ...)")
             if key == "kind":
                 if not isinstance(item, str):
                     raise ConfigError(f"{name}.kind must be a schedule name, got {item!r}")
@@ -165,6 +167,15 @@ class RegularizerConfig:
     svd_oversample: int = option(
         10, family=GENERATION, help="randomized SVD: basis columns beyond svd_k")
     svd_niter: int = option(2, family=GENERATION, help="randomized SVD: power iterations")
+    lambdas: str = option(
+        "fixed", help="fixed (λ1-3 as set, or the paper's) | auto (calibrated at the start of the run by "
+                      "gradient shares, paper D.1; see balora calibrate)")
+    calibration_mode: str = option(
+        "scale", help="lambdas=auto: scale (one factor on the λs, keeping their ratios) | shares (each "
+                      "term its own λ for its part of the share)")
+    calibration_share: float = option(
+        0.1, help="lambdas=auto: gradient norm of the regularisers together, as a fraction of the task "
+                  "loss's")
 
     def __post_init__(self) -> None:
         _check_finite(self, "regularizers")
@@ -185,6 +196,10 @@ class RegularizerConfig:
             _choice(self.svd_normalize, "regularizers.svd_normalize", SVD_NORMALIZATIONS)
         _choice(self.svd_k_policy, "regularizers.svd_k_policy", SVD_K_POLICIES)
         _choice(self.svd_solver, "regularizers.svd_solver", SVD_SOLVERS)
+        _choice(self.lambdas, "regularizers.lambdas", ("fixed", "auto"))
+        _choice(self.calibration_mode, "regularizers.calibration_mode", ("scale", "shares"))
+        if self.calibration_share <= 0:
+            raise ConfigError(f"regularizers.calibration_share must be > 0, got {self.calibration_share}")
         for name in ("svd_oversample", "svd_niter"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"regularizers.{name} must be >= 0, got {getattr(self, name)}")
@@ -232,25 +247,58 @@ class ModelConfig:
 class AdapterConfig:
     """The fine-tuning method and its low-rank adapter.
 
-    ``method``: ``lora`` | ``pissa`` | ``pissa_niter_N`` | ``dora`` | ``full`` | any other PEFT
-    ``init_lora_weights`` value (``gaussian``, ``olora``, ...); add ``+reg`` to any of them for the
-    three regularisers. ``balora`` is ``pissa+reg``.
+    ``method``: one of the names in :mod:`balora.methods` (``full``, ``lora``, ``gaussian``,
+    ``dora``, ``adalora``, ``loraplus``, ``lorafa``, ``lora_ga``, ``pissa``, ``pissa_niter_N``,
+    ``corda``, ``milora``, ``olora``); add ``+reg`` to any of them for the three regularisers.
+    ``balora`` is ``pissa+reg``. The ``adalora_*``, ``loraplus_*``, ``lora_ga_*`` and ``corda_*``
+    keys and ``init_examples`` are read by their method only: setting one for another method is
+    an error.
     """
 
     method: str = option(
-        "balora", help="lora | pissa | pissa_niter_N | dora | full | another PEFT init_lora_weights "
-                       "value, each optionally +reg (the three regularisers); balora = pissa+reg")
-    rank: int = option(8, help="adapter rank r")
-    alpha: float | None = option(help="LoRA alpha (scaling alpha / r); None = rank (scaling 1)")
+        "balora", help="full | lora | gaussian | dora | adalora | loraplus | lorafa | lora_ga | pissa | "
+                       "pissa_niter_N | corda | milora | olora, each optionally +reg (the three "
+                       "regularisers); balora = pissa+reg")
+    rank: int = option(8, help="adapter rank r (adalora: the average rank it prunes down to)")
+    alpha: float | None = option(
+        help="LoRA alpha (scaling alpha / r); None = rank (scaling 1; adalora: its initial rank, scaling 1)")
     dropout: float = option(0.0, help="dropout on the adapter's input, in [0, 1)")
     target_modules: list[str] | str | None = option(
         help="module names that get an adapter; None = PEFT's default for the architecture")
+    loraplus_lr_ratio: float = option(
+        16.0, help="loraplus: learning rate of B over that of A (ηB/ηA; 16, the LoRA+ paper's and "
+                   "PEFT's recommendation); A trains at train.learning_rate")
+    adalora_init_r: int | None = option(
+        help="adalora: initial rank of every adapted matrix; None = rank + rank // 2 (at least rank + 1; "
+             "12 for rank 8, PEFT's defaults)")
+    adalora_target_r: int | None = option(
+        help="adalora: average rank the budget is pruned down to; None = rank")
+    adalora_tinit: float = option(
+        0.1, help="adalora: fraction of the training steps before pruning starts (AdaLoRA's t_i)")
+    adalora_tfinal: float = option(
+        0.2, help="adalora: fraction of the training steps at the end that train the final budget "
+                  "(AdaLoRA's t_f; at least one step, so the saved ranks are those trained)")
+    adalora_delta_t: int = option(10, help="adalora: steps between two budget reallocations (AdaLoRA's ΔT)")
+    adalora_orth_reg_weight: float = option(
+        0.5, help="adalora: weight of the orthogonality penalty on P and Q (PEFT's default)")
+    init_examples: int = option(
+        64, help="lora_ga | corda: training examples that estimate the task gradient (LoRA-GA) or "
+                 "the input covariance (CorDA) before the adapter is built")
+    lora_ga_direction: str = option(
+        "ArB2r", help="lora_ga: which gradient singular vectors go to A and B: ArB2r (PEFT's "
+                      "recommendation) | A2rBr | ArBr | random")
+    lora_ga_scale: str = option(
+        "stable", help="lora_ga: scaling of the init: stable (LoRA-GA's) | weight_svd | gd_scale | unit")
+    lora_ga_stable_gamma: int = option(16, help="lora_ga: γ of the stable scaling (LoRA-GA: 16)")
+    corda_mode: str = option(
+        "ipm", help="corda: ipm (instruction-previewed: the r largest components of W·C, the mode of "
+                    "the paper's Table 1) | kpm (knowledge-preserved: the r smallest)")
 
     def __post_init__(self) -> None:
         from balora.methods import parse_method  # local import: methods imports nothing of ours
 
         try:
-            parse_method(self.method)
+            spec = parse_method(self.method)
         except ValueError as err:
             raise ConfigError(f"adapter.method: {err}") from None
         _check_finite(self, "adapter")
@@ -260,6 +308,61 @@ class AdapterConfig:
             raise ConfigError(f"adapter.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        for key, (used, when) in _ADAPTER_USES.items():
+            if _is_set(self, key) and not used(spec):
+                raise ConfigError(f"adapter.{key} has no effect with adapter.method={self.method}: "
+                                  f"it is read only with {when}")
+        if self.loraplus_lr_ratio <= 0:
+            raise ConfigError(f"adapter.loraplus_lr_ratio must be > 0, got {self.loraplus_lr_ratio}")
+        for key in ("adalora_init_r", "adalora_target_r"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"adapter.{key} must be >= 1, got {getattr(self, key)}")
+        init_r, target_r = self.adalora_ranks()
+        if init_r <= target_r:
+            raise ConfigError(f"adapter.adalora_init_r ({init_r}) must be > adapter.adalora_target_r ({target_r}): "
+                              "AdaLoRA prunes the initial rank down to the target")
+        for key in ("adalora_tinit", "adalora_tfinal"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"adapter.{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.adalora_tinit + self.adalora_tfinal >= 1.0:
+            raise ConfigError("adapter.adalora_tinit + adapter.adalora_tfinal must be < 1: "
+                              "no step would be left for pruning the budget")
+        for key in ("adalora_delta_t", "init_examples", "lora_ga_stable_gamma"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"adapter.{key} must be >= 1, got {getattr(self, key)}")
+        if self.adalora_orth_reg_weight < 0:
+            raise ConfigError(f"adapter.adalora_orth_reg_weight must be >= 0, got {self.adalora_orth_reg_weight}")
+        _choice(self.lora_ga_direction, "adapter.lora_ga_direction", LORA_GA_DIRECTIONS)
+        _choice(self.lora_ga_scale, "adapter.lora_ga_scale", LORA_GA_SCALES)
+        _choice(self.corda_mode, "adapter.corda_mode", CORDA_MODES)
+
+    def adalora_ranks(self) -> tuple[int, int]:
+        """(initial rank, target rank) of AdaLoRA, the ``None`` defaults resolved from ``rank``."""
+        target_r = self.adalora_target_r if self.adalora_target_r is not None else self.rank
+        init_r = self.adalora_init_r if self.adalora_init_r is not None else target_r + max(1, target_r // 2)
+        return init_r, target_r
+
+
+LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+CORDA_MODES = ("ipm", "kpm")
+
+#: adapter.<key> -> (is it read by this method?, which methods read it)
+_ADAPTER_USES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "loraplus_lr_ratio": (lambda s: s.base == "loraplus", "adapter.method=loraplus"),
+    **{key: (lambda s: s.adalora, "adapter.method=adalora")
+       for key in ("adalora_init_r", "adalora_target_r", "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
+                   "adalora_orth_reg_weight")},
+    "init_examples": (lambda s: s.needs_init_data, "adapter.method=lora_ga or corda"),
+    **{key: (lambda s: s.base == "lora_ga", "adapter.method=lora_ga")
+       for key in ("lora_ga_direction", "lora_ga_scale", "lora_ga_stable_gamma")},
+    "corda_mode": (lambda s: s.base == "corda", "adapter.method=corda"),
+}
+
+
+#: The metrics of the validation split (``data.validation_fraction``) are named ``validation/<metric>``;
+#: the test metrics keep their plain names.
+VALIDATION_PREFIX = "validation/"
 
 
 @dataclass
@@ -286,6 +389,10 @@ class DataConfig:
     max_eval_examples: int | None = option(
         family=CLASSIFICATION,
         help="keep a seeded random subset of N evaluation examples; None = all (generation: eval.max_examples)")
+    validation_fraction: float | None = option(
+        help="carve a seeded validation split of this fraction (0-1) out of the TRAINING data, before "
+             "max_train_examples (classification: stratified by class; gsm-symbolic: by template); the run "
+             "then reports validation/<metric> beside the test metrics; None = no validation split")
     format: str = option(
         "auto", family=GENERATION,
         help="layout of the SFT rows: auto (detected from the columns) | alpaca | metamath | "
@@ -304,6 +411,14 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+
+
+#: transformers schedules a run cannot use: they need ``lr_scheduler_kwargs`` (min_lr, num_decay_steps)
+#: or an evaluation strategy, and would fail only when training starts.
+_SCHEDULERS_NOT_RUNNABLE = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+                            "reduce_lr_on_plateau")
 
 
 @dataclass
@@ -356,9 +471,15 @@ class TrainConfig:
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
         _choice(self.precision, "train.precision", PRECISIONS)
-        from transformers.trainer_utils import SchedulerType  # local import: transformers is heavy
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK  # local imports:
+        from transformers.trainer_utils import SchedulerType  # transformers is heavy
 
-        _choice(self.lr_scheduler, "train.lr_scheduler", tuple(s.value for s in SchedulerType))
+        _choice(self.lr_scheduler, "train.lr_scheduler",
+                tuple(s.value for s in SchedulerType if s.value not in _SCHEDULERS_NOT_RUNNABLE))
+        for name in self.report_to:
+            if name not in ("all", "none", *INTEGRATION_TO_CALLBACK):
+                raise ConfigError(f"train.report_to: unknown integration {name!r}; known: "
+                                  f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
 
 
 @dataclass
@@ -461,6 +582,8 @@ _REGULARIZER_USES: dict[str, tuple[Callable[[RegularizerConfig], bool], str]] = 
     "focus_schedule": (lambda r: r.lambda_diversity > 0 or r.lambda_svd > 0,
                        "lambda_diversity > 0 or lambda_svd > 0"),
     "svd_k": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
+    "calibration_mode": (lambda r: r.lambdas == "auto", "lambdas=auto"),
+    "calibration_share": (lambda r: r.lambdas == "auto", "lambdas=auto"),
     "svd_normalize": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
     "svd_k_policy": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
     "svd_solver": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
@@ -525,10 +648,10 @@ def _check_classification_data(data: DataConfig) -> None:
 
 
 def _check_generation_data(config: RunConfig) -> None:
-    from balora.data import GLUE_TASKS, ORANGE_TASKS  # local import: the data layer is heavy
+    from balora.data import is_classification_task  # local import: the data layer is heavy
 
     d, e = config.data, config.eval
-    if d.task.lower() in {*GLUE_TASKS, *ORANGE_TASKS}:
+    if is_classification_task(d.task):
         raise ConfigError(f"data.task={d.task} is a classification task; set family: classification")
     if d.task == GSM_SYMBOLIC_TASK:
         for key in ("train_file", "eval_file"):
@@ -536,6 +659,9 @@ def _check_generation_data(config: RunConfig) -> None:
                 raise ConfigError(f"data.{key} is not read with data.task={GSM_SYMBOLIC_TASK} (generated problems)")
         if e.benchmark not in (None, "gsm8k"):
             raise ConfigError(f"eval.benchmark={e.benchmark}: data.task={GSM_SYMBOLIC_TASK} is scored with gsm8k")
+    elif d.validation_fraction is not None:
+        raise ConfigError(f"data.validation_fraction is supported for generation only with data.task={GSM_SYMBOLIC_TASK} "
+                          "(validation problems from held-out training templates, scored with the gsm8k check)")
     if config.benchmark is None:
         if d.eval_file is not None:
             raise ConfigError("data.eval_file is read only with eval.benchmark (gsm8k or math)")
@@ -579,19 +705,18 @@ def _section_class(name: str) -> type:
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from a nested mapping; unknown keys are an error."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((key for key in data if key not in names), key=str)  # YAML keys may be numbers or null
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(names))}"
-        )
+        shown = (f"{where}{k}" if isinstance(k, str) and k else f"{where}{k!r}" for k in unknown)
+        raise ConfigError(f"unknown key(s) {', '.join(shown)}; known: {', '.join(sorted(names))}")
     values = {}
     for key, value in data.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            values[key] = from_dict(hint, value or {}, f"{where}{key}.")
+            values[key] = from_dict(hint, {} if value is None else value, f"{where}{key}.")
         else:
             values[key] = _coerce(value, hint, where + key)
     return cls(**values)
@@ -599,12 +724,15 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Coerce YAML scalars to a field's type (int for float fields, etc.) or fail clearly."""
-    if value is None:
-        return None
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, type(int | None)) else (hint,)
+    if value is None and (type(None) in options or Any in options):
+        return None
     for option_type in options:
         if option_type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond the float range
+                raise ConfigError(f"{where} must be a finite number, got an integer beyond the float range") from None
         if option_type is float and isinstance(value, str):  # PyYAML reads "1e-4" as a string
             try:
                 return float(value)
@@ -619,15 +747,27 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if option_type is str and isinstance(value, str):
             return value
         if typing.get_origin(option_type) is list and isinstance(value, list):
+            (item_type,) = typing.get_args(option_type)
+            wrong = [item for item in value if not isinstance(item, item_type)]
+            if wrong:
+                raise ConfigError(f"{where} must be a list of {item_type.__name__}, got the item {wrong[0]!r}")
             return value
         if option_type is Any:
             return value
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
-    raise ConfigError(f"{where} must be {expected}, got {value!r}")
+    raise ConfigError(f"{where} must be {expected}, got {_shown(value)}")
+
+
+def _shown(value: Any, width: int = 80) -> str:
+    """``repr(value)``, cut to ``width`` characters for an error line."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML) to a nested mapping."""
+    if overrides and not isinstance(data, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=2)")
@@ -635,11 +775,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the YAML file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = _yaml(raw, f"override {_shown(item)}") if raw.strip() else None
     return data
+
+
+def _yaml(text: str, what: str) -> Any:
+    """``text`` parsed as YAML, or a one-line ConfigError naming ``what`` (and the line and column)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply to be a config") from None
+    except ValueError as err:  # a scalar PyYAML's constructors refuse: 2024-02-30, an int of > 4300 digits
+        reason = " ".join(str(err).split(";")[0].split())
+        raise ConfigError(f"{what} is not valid YAML: {reason}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -647,13 +805,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        raw = path.read_bytes()
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise ConfigError(f"config file {path} is not UTF-8 text (line {line}, byte {err.start})") from None
+        data = _yaml(text, str(path))
+        data = {} if data is None else data
     data = apply_overrides(data, list(overrides or []))
     return from_dict(RunConfig, data)

@@ -20,6 +20,7 @@ import yaml
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 PREDICTIONS_FILE = "predictions.jsonl"
+CALIBRATION_FILE = "calibration.json"  # regularizers.lambdas: auto: what was measured and proposed
 #: What a complete transformers checkpoint holds (the mark that it was saved to the end).
 TRAINER_STATE_FILE = "trainer_state.json"
 

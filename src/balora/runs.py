@@ -4,13 +4,16 @@
 classification and generation:
 
     saved config (resume) -> seed -> data, model and tokenizer (family plug-in) -> method's adapter
-    (on resume, the saved initial adapter back into the model) -> objective (and its frozen
+    (LoRA-GA and CorDA first estimate their init on ``adapter.init_examples`` training examples;
+    on resume, the saved initial adapter back into the model) -> objective (and its frozen
     teacher) -> run directory, config.yaml and initial adapter -> TrainingArguments -> training
     (TensorBoard, resume from the last checkpoint) -> adapter, tokenizer, log history, loss curve
     -> evaluation (family plug-in) -> model card -> metrics.json (the mark of a finished run)
 
-Everything that can refuse the run (the config, the data files, the model, the objective) runs
-before the run directory is created: a failed validation leaves no directory behind.
+Everything that can refuse the run runs before the run directory is created, the cheap checks
+first: the config (at load), then :func:`check_before_loading` (output folder, TrainingArguments,
+perplexity corpus), then the data files (before any model), the model, the objective. A failed
+validation leaves no directory behind.
 
 The plug-ins (:data:`FAMILIES`: :class:`balora.runs_classification.ClassificationRun`,
 :class:`balora.runs_generation.GenerationRun`) are built as ``Plugin(config, progress)`` and have
@@ -36,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import TrainingArguments, set_seed
 
 from balora import run_dir
@@ -47,17 +49,20 @@ from balora.adapters import (
     save_initial_adapter,
     trainable_parameters,
 )
-from balora.config import CLASSIFICATION, GENERATION, ConfigError, RunConfig, TrainConfig, from_dict
+from balora.calibrate import calibrate_for_run
+from balora.config import CLASSIFICATION, GENERATION, ConfigError, RunConfig, TrainConfig, load_config
 from balora.methods import parse_method
 from balora.model_card import write_model_card
 from balora.objectives import build_objective
+from balora.objectives.classification import EXAMPLE_ID
 from balora.plots import plot_loss_curve
 from balora.runs_classification import ClassificationRun
 from balora.runs_generation import GenerationRun
 from balora.teacher import SnapshotTeacher
 from balora.trainer import BALoRATrainer
 
-__all__ = ["FAMILIES", "RunResult", "check_precision", "data_name", "resume_config", "train_run", "training_arguments"]
+__all__ = ["FAMILIES", "RunResult", "check_before_loading", "check_precision", "data_name", "resume_config",
+           "train_run", "training_arguments"]
 
 logger = logging.getLogger("balora")
 
@@ -138,7 +143,29 @@ def resume_config(resume: str | os.PathLike) -> tuple[Path, RunConfig]:
         raise FileNotFoundError(f"{folder} is not a run directory (no {run_dir.CONFIG_FILE})")
     if (folder / run_dir.METRICS_FILE).exists():
         raise FileExistsError(f"{folder} is already complete ({run_dir.METRICS_FILE} exists)")
-    return folder, from_dict(RunConfig, yaml.safe_load(saved.read_text()))
+    return folder, load_config(saved)  # a damaged config.yaml is a one-line ConfigError naming it
+
+
+def check_before_loading(config: RunConfig, progress: bool = True) -> None:
+    """What can refuse a run before its data or model is loaded: the output folder (no file in the
+    way, writable), the TrainingArguments, and a generation run's perplexity corpus (read at the
+    end of training otherwise). A one-line ConfigError (or the loader's error) for each."""
+    root = Path(config.output_dir).expanduser()
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir={config.output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={config.output_dir}: {existing} is not writable")
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = [r for r in config.train.report_to if r not in ("all", "none", *get_available_reporting_integrations())]
+    if missing:
+        raise ConfigError(f"train.report_to: {missing[0]} is not installed (pip install {missing[0]})")
+    training_arguments(config, root, progress)  # refuses what transformers refuses, creating nothing
+    if config.family == GENERATION and config.eval.perplexity_corpus is not None:
+        from balora.evaluation.perplexity import load_perplexity_texts
+
+        load_perplexity_texts(config.eval.perplexity_corpus)
 
 
 def _tensorboard_callback(log_dir: Path):
@@ -168,6 +195,17 @@ def _save(trainer: BALoRATrainer, tokenizer, config: RunConfig, out_dir: Path, *
     return history
 
 
+def _init_batches(config: RunConfig, family) -> list[dict[str, torch.Tensor]]:
+    """``adapter.init_examples`` training examples (a seeded draw) collated in batches of
+    ``train.batch_size``, for the inits estimated from data (LoRA-GA's gradient, CorDA's covariance)."""
+    data = family.train_set
+    n = min(config.adapter.init_examples, len(data))
+    rows = data.shuffle(seed=config.train.seed).select(range(n))
+    size = config.train.batch_size
+    batches = [family.collator([rows[j] for j in range(i, min(i + size, n))]) for i in range(0, n, size)]
+    return [{k: v for k, v in batch.items() if k != EXAMPLE_ID} for batch in batches]
+
+
 def train_run(
     config: RunConfig | None,
     *,
@@ -182,28 +220,34 @@ def train_run(
     """
     if resume is not None:
         out_dir, config = resume_config(resume)
-    check_precision(config.train)
+    check_before_loading(config, progress)
     spec = parse_method(config.adapter.method)
     set_seed(config.train.seed)
 
     family = FAMILIES[config.family](config, progress)
     model, tokenizer = family.load()
-    model = apply_method(model, config.adapter)  # PEFT's task type follows the model
+    init_batches = _init_batches(config, family) if spec.needs_init_data else None  # LoRA-GA, CorDA
+    model = apply_method(model, config.adapter, init_batches=init_batches)  # PEFT's task type follows the model
     if resume is not None:
         restore_initial_adapter(model, out_dir)  # logs what it restored
     # the objective checks the model against the config (a head for the teacher cache, ...); it
     # reads the initial adapter without changing it, so a failure leaves no run directory behind
     objective = build_objective(config, model, num_labels=family.num_labels)
+    calibration = None
+    if spec.regularized and config.regularizers.lambdas == "auto":  # a resumed run's saved λs are fixed
+        config, calibration = calibrate_for_run(config, model, objective, family)
     teacher = objective.teacher
     if teacher is None and family.needs_pretrained_view:
         teacher = SnapshotTeacher(model)  # the pre-trained model, for evaluation only
     if resume is None:
         out_dir = run_dir.create_run_dir(config.output_dir, config.run_name)
         run_dir.write_yaml(out_dir / run_dir.CONFIG_FILE, config.to_dict())
+        if calibration is not None:
+            run_dir.write_json(out_dir / run_dir.CALIBRATION_FILE, calibration.to_dict())
         save_initial_adapter(model, config.adapter.method, out_dir)
     logger.info("run directory: %s", out_dir)
     trainer = BALoRATrainer(
-        model=model, args=training_arguments(config, out_dir, progress), objective=objective,
+        model=model, args=training_arguments(config, out_dir, progress), objective=objective, adapter=config.adapter,
         train_dataset=family.train_set, data_collator=family.collator, processing_class=tokenizer,
     )
     train_seconds = _train(trainer, config, out_dir, resumed=resume is not None)

@@ -8,6 +8,10 @@ evaluation split, scored by :func:`balora.evaluation.classification.classificati
 and written to ``predictions.jsonl`` in the run directory, one row per evaluation example in
 order: ``text`` (``text_pair``), the true ``label`` and the ``prediction`` as class NAMES with
 the softmax ``probabilities`` per class name (regression: the true and the predicted value).
+
+With ``data.validation_fraction`` a seeded, stratified validation split is carved out of the
+training data (:func:`carve_validation`) and scored too: its metrics are ``validation/<name>``
+beside the test metrics' plain names.
 """
 
 from __future__ import annotations
@@ -15,17 +19,45 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from transformers import DataCollatorWithPadding
 
 from balora import run_dir
-from balora.config import RunConfig
+from balora.config import VALIDATION_PREFIX, ConfigError, RunConfig
 from balora.data import encode, load_task
+from balora.data.classification import REGRESSION, TaskData, stratified_split, subsample
 from balora.evaluation.classification import classification_metrics, regression_metrics
 from balora.models import load_sequence_classifier, load_tokenizer
 
-__all__ = ["ClassificationRun"]
+__all__ = ["ClassificationRun", "carve_validation"]
+
+
+def carve_validation(task: TaskData, fraction: float, seed: int) -> datasets.Dataset:
+    """Move a seeded ``fraction`` of ``task.train`` into a validation split and return that split.
+
+    Classification: stratified by class (:func:`balora.data.classification.stratified_split`), so
+    every class keeps its share; regression: a seeded random split. The rows left in
+    ``task.train`` and the returned rows are disjoint, and the same for the same data and seed.
+    A split that cannot be made (a class with a single example, fewer held-out rows than
+    classes) is a one-line ConfigError naming ``data.validation_fraction``.
+    """
+    labels = task.train["label"]
+    try:
+        if task.problem_type == REGRESSION:
+            from sklearn.model_selection import train_test_split
+
+            keep, held = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=seed)
+            keep, held = sorted(keep.tolist()), sorted(held.tolist())
+        else:
+            keep, held = stratified_split(labels, fraction, seed)
+    except ValueError as err:
+        raise ConfigError(f"data.validation_fraction={fraction}: no validation split can be carved from the "
+                          f"{len(labels)} training examples of {task.name}: {err}") from None
+    validation = task.train.select(held).flatten_indices()
+    task.train = task.train.select(keep).flatten_indices()
+    return validation
 
 
 class ClassificationRun:
@@ -44,12 +76,17 @@ class ClassificationRun:
     def load(self):
         """``(sequence classifier, tokenizer)``; the task's data is loaded and tokenised first."""
         c, d = self.config, self.config.data
+        carve = d.validation_fraction is not None  # carved before max_train_examples subsamples the rest
         task = load_task(
             d.task, train_file=d.train_file, eval_file=d.eval_file, text_column=d.text_column,
             text_pair_column=d.text_pair_column, label_column=d.label_column, seed=c.train.seed,
-            max_train_examples=d.max_train_examples, max_eval_examples=d.max_eval_examples,
+            max_train_examples=None if carve else d.max_train_examples, max_eval_examples=d.max_eval_examples,
         )
+        validation = carve_validation(task, d.validation_fraction, c.train.seed) if carve else None
+        if carve:
+            task.train = subsample(task.train, d.max_train_examples, c.train.seed)
         tokenizer = load_tokenizer(c.model.name)
+        self.validation_set = None if validation is None else encode(validation, tokenizer, c.model.max_length)
         self.task = task
         self.train_set = encode(task.train, tokenizer, c.model.max_length)
         self.eval_set = encode(task.eval, tokenizer, c.model.max_length)
@@ -58,15 +95,27 @@ class ClassificationRun:
         self.task_name = task.name
         self.facts = dict(headline_metric=task.headline_metric, train_examples=len(task.train),
                           eval_examples=len(task.eval), skipped_rows=dict(task.skipped))
+        if validation is not None:
+            self.facts["validation_examples"] = len(validation)
         model = load_sequence_classifier(c.model.name, task.num_labels, task.label_names, task.problem_type)
         return model, tokenizer
 
     def evaluate(self, trainer, tokenizer, out_dir: Path, teacher) -> dict[str, Any]:
+        """Task metrics of the trained model on the evaluation (test) split, plus the same metrics on
+        the validation split as ``validation/<name>`` when ``data.validation_fraction`` is set."""
+        metrics = self._test_metrics(trainer, out_dir)
+        if self.validation_set is not None:
+            logits, labels = _predict(trainer, self.validation_set)
+            scores = (regression_metrics(labels.reshape(-1), logits.reshape(-1))
+                      if self.task.problem_type == "regression"
+                      else classification_metrics(labels, logits.argmax(-1), self.task.label_names))
+            metrics.update({VALIDATION_PREFIX + k: v for k, v in scores.items()})
+        return metrics
+
+    def _test_metrics(self, trainer, out_dir: Path) -> dict[str, Any]:
         """Task metrics of the trained model on the evaluation split (classification or regression);
         every prediction goes to ``out_dir/predictions.jsonl``."""
-        output = trainer.predict(self.eval_set)
-        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-        logits, labels = np.asarray(logits), np.asarray(output.label_ids)  # (N, D), (N,)
+        logits, labels = _predict(trainer, self.eval_set)
         if self.task.problem_type == "regression":
             labels, values = labels.reshape(-1), logits.reshape(-1)
             run_dir.write_jsonl(out_dir / run_dir.PREDICTIONS_FILE, self._rows(labels.tolist(), values.tolist()))
@@ -94,3 +143,10 @@ class ClassificationRun:
                 row["probabilities"] = probabilities[i]
             rows.append(row)
         return rows
+
+
+def _predict(trainer, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The trained model's logits (N, D) and the labels (N,) of an encoded split."""
+    output = trainer.predict(dataset)
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    return np.asarray(logits), np.asarray(output.label_ids)

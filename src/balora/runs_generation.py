@@ -14,18 +14,23 @@ Evaluation, with the very functions ``balora evaluate`` calls:
   ``gsm-symbolic``, or GSM8K / MATH test, or ``data.eval_file``; the first ``eval.max_examples``),
   every answer written to ``predictions.jsonl`` in the run directory;
 * ``eval.perplexity_corpus``: :func:`balora.evaluation.perplexity.eval_perplexity` of the adapted
-  and of the pre-trained model (paper Table 13), the latter seen through the run's teacher.
+  and of the pre-trained model (paper Table 13), the latter seen through the run's teacher;
+* ``data.validation_fraction`` (``gsm-symbolic`` only): that fraction of the TRAINING templates is
+  held out (:func:`carve_validation_templates`) and its problems are scored like the test problems
+  (capped by ``eval.max_examples`` too), as ``validation/<metric>``, answers in
+  ``validation_predictions.jsonl``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from random import Random
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from balora.config import GSM_SYMBOLIC_TASK, ConfigError, RunConfig
+from balora.config import GSM_SYMBOLIC_TASK, VALIDATION_PREFIX, ConfigError, RunConfig
 from balora.data.gsm_symbolic import load_gsm_symbolic
 from balora.data.math import load_gsm8k, load_math
 from balora.data.sft import SFTCollator, encode_sft, load_sft_dataset
@@ -34,16 +39,37 @@ from balora.evaluation.perplexity import eval_perplexity
 from balora.models import load_causal_lm
 from balora.run_dir import PREDICTIONS_FILE
 
-__all__ = ["PREDICTIONS_FILE", "GenerationData", "GenerationRun", "load_generation_data"]
+__all__ = ["PREDICTIONS_FILE", "VALIDATION_PREDICTIONS_FILE", "GenerationData", "GenerationRun",
+           "carve_validation_templates", "load_generation_data"]
+
+#: The answers to the validation problems (``data.validation_fraction``), beside ``predictions.jsonl``.
+VALIDATION_PREDICTIONS_FILE = "validation_predictions.jsonl"
 
 
 @dataclass
 class GenerationData:
-    """SFT training rows, the test rows (``question``, ``final_answer``) or None, and data facts."""
+    """SFT training rows, the test rows (``question``, ``final_answer``) or None, data facts, and
+    the validation rows carved from the training side (same columns as the test rows) or None."""
 
     train: datasets.Dataset
     test: datasets.Dataset | None
     facts: dict[str, Any]
+    validation: datasets.Dataset | None = None
+
+
+def carve_validation_templates(rows: datasets.Dataset, fraction: float, seed: int
+                               ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train, validation)``: a seeded ``fraction`` of the templates of ``rows`` (column
+    ``template_id``; at least one) and all their problems go to the validation side, so no
+    template is on both sides, as in the train / test split of ``gsm-symbolic``."""
+    templates = sorted(set(rows["template_id"]))
+    held = set(Random(seed).sample(templates, max(1, round(fraction * len(templates)))))
+    if len(held) == len(templates):
+        raise ConfigError(f"data.validation_fraction={fraction} leaves no training template "
+                          f"(of {len(templates)})")
+    side = [t in held for t in rows["template_id"]]
+    return (rows.select([i for i, v in enumerate(side) if not v]),
+            rows.select([i for i, v in enumerate(side) if v]))
 
 
 def load_generation_data(config: RunConfig) -> GenerationData:
@@ -51,20 +77,27 @@ def load_generation_data(config: RunConfig) -> GenerationData:
     d, seed, benchmark = config.data, config.train.seed, config.benchmark
     if d.task == GSM_SYMBOLIC_TASK:
         split = load_gsm_symbolic(seed=seed)
-        train, test = split.train, split.test
+        train, test, validation, held = split.train, split.test, None, 0
+        if d.validation_fraction is not None:
+            train, validation = carve_validation_templates(train, d.validation_fraction, seed)
+            held = len(set(validation["template_id"]))
         if d.max_train_examples:
             train = train.shuffle(seed=seed).select(range(min(d.max_train_examples, len(train))))
         if config.eval.max_examples:
             test = test.select(range(min(config.eval.max_examples, len(test))))
+            if validation is not None:
+                validation = validation.select(range(min(config.eval.max_examples, len(validation))))
         facts = {"train_templates": len(split.train_templates), "test_templates": len(split.test_templates),
                  "split": "by template (no template on both sides)"}
-        return GenerationData(train.select_columns(["question", "answer"]), test, facts)
+        if validation is not None:  # templates held out (their problems capped by eval.max_examples)
+            facts.update(validation_templates=held, train_templates=len(split.train_templates) - held)
+        return GenerationData(train.select_columns(["question", "answer"]), test, facts, validation)
     source = d.train_file or d.task
     train = load_sft_dataset(source, split="train", max_examples=d.max_train_examples, seed=seed)
     test = None
     if benchmark is not None:
         loader = load_gsm8k if benchmark == "gsm8k" else load_math
-        test = loader(split="test", path=d.eval_file, max_examples=config.eval.max_examples)
+        test = loader(split="test", path=d.eval_file, max_examples=config.eval.max_examples, source="auto")
     return GenerationData(train, test, {"train_source": source})
 
 
@@ -116,6 +149,12 @@ class GenerationRun:
                 model, tokenizer, self.data.test, c.benchmark, max_new_tokens=e.max_new_tokens,
                 batch_size=e.batch_size, progress=self.progress, records_path=out_dir / PREDICTIONS_FILE,
             ))
+        if self.data.validation is not None:
+            scores = evaluate_math(
+                model, tokenizer, self.data.validation, c.benchmark, max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size, progress=self.progress, records_path=out_dir / VALIDATION_PREDICTIONS_FILE,
+            )
+            metrics.update({VALIDATION_PREFIX + k: v for k, v in scores.items()})
         if e.perplexity_corpus is not None:
             result = eval_perplexity(model, tokenizer, corpus=e.perplexity_corpus, stride=e.perplexity_stride,
                                      teacher=teacher, progress=self.progress)
