@@ -157,3 +157,236 @@ def test_a_failed_validation_leaves_no_run_directory(tiny_model_dir, task_files,
     with pytest.raises(ValueError, match="at least two classes"):
         train_run(config(one_class), progress=False)
     assert not runs.exists() or not any(runs.iterdir())
+
+
+# --------------------------------------------------------------------------- found by the fuzz pass (test_fuzz.py)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("adapter.rank=", r"^adapter\.rank must be int, got None$"),  # was a TypeError ('<' with None)
+    ("data.task=null", r"^data\.task must be str, got None$"),  # was an AttributeError
+    ("output_dir=null", r"^output_dir must be str, got None$"),  # was accepted
+    ("train.report_to=[1]", r"^train\.report_to must be a list of str, got the item 1$"),  # was accepted
+    ("adapter.target_modules=[query, 2]", "adapter.target_modules must be a list of str, got the item 2"),
+    ("model.name=[unclosed", r"^override 'model\.name=\[unclosed' is not valid YAML \(line 1, column 10\)"),
+    ("train.learning_rate=" + "9" * 400, "train.learning_rate must be a finite number, got an integer beyond the float"),
+    ("adapter.rank=" + "9" * 5000, r"^override 'adapter\.rank=9+\.\.\. is not valid YAML: Exceeds the limit \(4300 digits\)"),
+    ("name=2024-02-30", r"^override 'name=2024-02-30' is not valid YAML: day is out of range for month$"),
+    ("regularizers.focus_schedule={kind: cosine, 1: 2}", "regularizers.focus_schedule has the key 1; schedule fields"),
+    ("model=0", r"^model must be a mapping, got int$"),  # was read as an empty section
+])
+def test_mistyped_overrides_found_by_the_fuzzer_are_one_line_config_errors(override, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_malformed_yaml_files_found_by_the_fuzzer_are_one_line_config_errors(tmp_path):
+    config = tmp_path / "run.yaml"
+    cases = [
+        (b"- a list\n", ["train.epochs=2"], "the config must be a mapping of sections, got list"),
+        (b"{1: 2}\n", [], r"unknown key\(s\) 1; known:"),
+        (b"model: {true: x}\n", [], r"unknown key\(s\) model\.True; known: "),
+        ("name: ok\nmodel: {name: caf\xe9}\n".encode("latin-1"), [], r"run\.yaml is not UTF-8 text \(line 2, byte"),
+        (b"model: {name: " + b"[" * 3000 + b"]" * 3000 + b"}\n", [], r"run\.yaml is nested too deeply"),
+    ]
+    for data, overrides, match in cases:
+        config.write_bytes(data)
+        with pytest.raises(ConfigError, match=match) as info:
+            load_config(config, overrides)
+        assert "\n" not in str(info.value)
+    config.write_text("model:\ntrain: {epochs: 2}\n")  # an empty section, then an override into it
+    assert load_config(config, ["model.name=tiny"]).model.name == "tiny"
+
+
+def test_json_lines_may_hold_unicode_line_separators(tmp_path):
+    from balora.data.files import read_table
+
+    text = '{"text": "a\u2028b", "label": 1}\r\n{"text": "c\x85d", "label": 2}\n\n{"text": "e", "label": 3}\n'
+    table = read_table(_write(tmp_path / "d.jsonl", text))  # str.splitlines broke lines at U+2028 and U+0085
+    assert [r["text"] for r in table.rows] == ["a\u2028b", "c\x85d", "e"] and table.blank_lines == 1
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", r"line 2 is not valid JSON \(nested too deeply\)"),
+    ('{"label": 1' + "0" * 5000 + "}", r"line 2 is not valid JSON \(Exceeds the limit \(4300 digits\)"),
+])
+def test_json_the_decoder_refuses_is_one_line_naming_the_file_and_line(tmp_path, line, match):
+    from balora.data.files import read_table
+
+    path = _write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n' + line + "\n")
+    with pytest.raises(ValueError, match=r"cannot read data file .*d\.jsonl: " + match) as info:
+        read_table(path)  # was a RecursionError / a ValueError not naming the file
+    assert "\n" not in str(info.value)
+
+
+def test_an_empty_header_line_is_refused(tmp_path):
+    from balora.data.files import read_table
+
+    for name, text in (("d.csv", "\ntext,label\na,1\n"), ("d.jsonl", "{}\n{}\n")):
+        with pytest.raises(ValueError, match=f"{name} has no column names"):
+            read_table(_write(tmp_path / name, text))  # was rows of {} (an SFT set of 0 rows)
+
+
+def test_classification_labels_and_cells_found_by_the_fuzzer(tmp_path):
+    from balora.data import load_classification_files
+
+    eval_ = _write(tmp_path / "eval.csv", "text,label\nd,1\n")
+    task = load_classification_files("digits", _write(tmp_path / "t.csv", "text,label\na,\u00b2\nb,1\nc,1\n"), eval_)
+    assert task.label_names == ["1", "\u00b2"]  # "²".isdigit() is True but int("²") failed
+    rows = ['{"text": "a", "label": "1"}', '{"text": ["a list"], "label": "1"}', '{"text": "b", "label": {"x": 1}}',
+            '{"text": "c", "label": "2"}']
+    task = load_classification_files("typed", _write(tmp_path / "t.jsonl", "\n".join(rows)), eval_)
+    assert task.skipped == {"not a text or number": 2} and task.train["text"] == ["a", "c"]  # was "['a list']"
+    unusable = _write(tmp_path / "bad-eval.csv", "text,label\nd,9\n")
+    with pytest.raises(ValueError, match=r"bad-eval\.csv: no usable rows left in the eval split"):
+        load_classification_files("named", tmp_path / "t.csv", unusable)  # was "named: no usable rows ..."
+
+
+def test_sft_columns_arrow_cannot_hold_name_the_file_column_and_row(tmp_path):
+    from balora.data.sft import load_sft_dataset
+
+    cases = [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": 1, "response": "c"}\n',
+         r"column 'prompt': row 2 holds a value that cannot be stored with the rows before it \(Expected bytes"),
+        ('{"prompt": "a", "response": "b", "n": 1' + "0" * 25 + "}\n", "column 'n': row 1 holds a value"),
+        ('{"prompt": ' + "[" * 600 + "]" * 600 + ', "response": "b"}\n', "a value is nested too deeply"),
+    ]
+    for text, match in cases:  # were ArrowTypeError, OverflowError, RecursionError tracebacks
+        path = _write(tmp_path / "sft.jsonl", text)
+        with pytest.raises(ValueError, match=r"cannot read SFT data file .*sft\.jsonl: " + match) as info:
+            load_sft_dataset(str(path))
+        assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- validated before anything is loaded
+
+
+class ModelLoaded(Exception):
+    """Raised in place of loading a tokenizer or model: validation let the run through to the model."""
+
+
+@pytest.fixture
+def refuse_model_loading(monkeypatch):
+    """Make every model or tokenizer load of a run raise :class:`ModelLoaded` (nothing is loaded)."""
+    def refuse(*args, **kwargs):
+        raise ModelLoaded
+
+    for target in ("balora.runs_classification.load_tokenizer", "balora.runs_classification.load_sequence_classifier",
+                   "balora.runs_generation.load_causal_lm"):
+        monkeypatch.setattr(target, refuse)
+
+
+def _files_config(tmp_path, *extra):
+    from conftest import write_task_files
+
+    train, eval_ = write_task_files(tmp_path)
+    return [f"output_dir={tmp_path / 'runs'}", "data.task=files", f"data.train_file={train}",
+            f"data.eval_file={eval_}", "adapter.method=lora", "train.max_steps=1", "train.report_to=[]", *extra]
+
+
+def _no_run_directory(tmp_path) -> bool:
+    runs = tmp_path / "runs"
+    return not runs.exists() or not any(runs.iterdir())
+
+
+def test_every_path_is_checked_before_a_model_is_loaded(tmp_path, refuse_model_loading):
+    from balora.runs import train_run
+
+    base = _files_config(tmp_path)
+    with pytest.raises(ModelLoaded):  # the good config reaches the model: the checks below run earlier
+        train_run(load_config(None, base), progress=False)
+    cases = [
+        ([f"data.train_file={tmp_path / 'missing.csv'}"], FileNotFoundError, "missing.csv"),
+        ([f"data.eval_file={tmp_path / 'missing.csv'}"], FileNotFoundError, "missing.csv"),
+        ([f"data.eval_file={tmp_path}"], ValueError, "unknown file extension"),
+    ]
+    for extra, error, match in cases:
+        with pytest.raises(error, match=match):
+            train_run(load_config(None, base + extra), progress=False)
+    assert _no_run_directory(tmp_path)
+
+
+def test_a_missing_model_path_is_refused_before_a_run_directory(tmp_path):
+    from balora.models import ModelLoadError
+    from balora.runs import train_run
+
+    sft = _write(tmp_path / "sft.jsonl", '{"prompt": "1+1?", "response": "2"}\n')
+    missing = f"model.name={tmp_path / 'no-model'}"
+    for overrides in (_files_config(tmp_path, missing),
+                      [f"output_dir={tmp_path / 'runs'}", "family=generation", f"data.task={sft}", missing]):
+        with pytest.raises(ModelLoadError, match="no-model") as info:
+            train_run(load_config(None, overrides), progress=False)
+        assert "\n" not in str(info.value)
+    assert _no_run_directory(tmp_path)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, refuse_model_loading):
+    from balora.runs import train_run
+
+    blocker = _write(tmp_path / "taken", "a file")
+    for output_dir in (blocker, blocker / "below"):
+        config = load_config(None, [*_files_config(tmp_path), f"output_dir={output_dir}"])
+        with pytest.raises(ConfigError, match=f"output_dir={output_dir}: {blocker} is a file, not a folder"):
+            train_run(config, progress=False)
+    assert blocker.read_text() == "a file"
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.lr_scheduler=reduce_lr_on_plateau", "train.lr_scheduler must be one of"),
+    ("train.lr_scheduler=cosine_with_min_lr", "train.lr_scheduler must be one of"),
+    ("train.lr_scheduler=warmup_stable_decay", "train.lr_scheduler must be one of"),
+    ("train.report_to=[tensorbord]", "train.report_to: unknown integration 'tensorbord'"),
+])
+def test_settings_transformers_refuses_late_are_config_errors(override, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value)
+
+
+def test_a_reporting_integration_that_is_not_installed_is_refused_before_loading(tmp_path, refuse_model_loading):
+    from transformers.integrations import get_available_reporting_integrations
+
+    from balora.runs import train_run
+
+    if "wandb" in get_available_reporting_integrations():
+        pytest.skip("wandb is installed here: no integration known to be missing")
+    with pytest.raises(ConfigError, match=r"^train\.report_to: wandb is not installed \(pip install wandb\)$"):
+        train_run(load_config(None, [*_files_config(tmp_path), "train.report_to=[wandb]"]), progress=False)
+    assert _no_run_directory(tmp_path)
+
+
+def test_generation_paths_are_checked_before_a_model_is_loaded(tmp_path, refuse_model_loading):
+    from balora.runs import train_run
+
+    sft = _write(tmp_path / "sft.jsonl", '{"prompt": "1+1?", "response": "2"}\n')
+    base = [f"output_dir={tmp_path / 'runs'}", "family=generation", f"data.task={sft}", "adapter.method=lora",
+            "train.max_steps=1", "train.report_to=[]"]
+    with pytest.raises(ModelLoaded):
+        train_run(load_config(None, base), progress=False)
+    cases = [
+        ([f"data.task={tmp_path / 'missing.jsonl'}"], FileNotFoundError, "missing.jsonl"),
+        (["eval.benchmark=gsm8k", f"data.eval_file={tmp_path / 'test.jsonl'}"], FileNotFoundError, "test.jsonl"),
+        ([f"eval.perplexity_corpus={tmp_path / 'missing.txt'}"], ValueError, "unknown perplexity corpus"),
+    ]
+    for extra, error, match in cases:
+        with pytest.raises(error, match=match):
+            train_run(load_config(None, base + extra), progress=False)
+    assert _no_run_directory(tmp_path)
+
+
+def test_a_resume_folder_is_checked_first(tmp_path, refuse_model_loading):
+    from balora.runs import train_run
+
+    folder = tmp_path / "runs" / "old"
+    with pytest.raises(FileNotFoundError, match="is not a run directory"):
+        train_run(None, resume=folder, progress=False)
+    folder.mkdir(parents=True)
+    _write(folder / "config.yaml", "model: {name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"old/config\.yaml is not valid YAML \(line 2") as info:
+        train_run(None, resume=folder, progress=False)
+    assert "\n" not in str(info.value)
+    _write(folder / "config.yaml", "train: {learning_rate: .nan}\n")
+    with pytest.raises(ConfigError, match="train.learning_rate must be a finite number"):
+        train_run(None, resume=folder, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
