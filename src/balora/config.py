@@ -393,6 +393,16 @@ class DataConfig:
         help="carve a seeded validation split of this fraction (0-1) out of the TRAINING data, before "
              "max_train_examples (classification: stratified by class; gsm-symbolic: by template); the run "
              "then reports validation/<metric> beside the test metrics; None = no validation split")
+    class_counts: list[int] | None = option(
+        family=CLASSIFICATION,
+        help="imbalance study (paper Table 12): keep exactly these numbers of TRAINING examples of data.classes, "
+             "e.g. [1000, 100, 10] for 100:10:1, seeded, after the validation carve; other classes are dropped "
+             "from every split, the test split is not subsampled; the run adds silhouette, minority_silhouette, "
+             "minority_recall and the eval features (features.npy); None = the data as it is")
+    classes: list[str] | None = option(
+        family=CLASSIFICATION,
+        help="the class names data.class_counts applies to, one per count; None = the most frequent "
+             "training classes, most frequent first")
     format: str = option(
         "auto", family=GENERATION,
         help="layout of the SFT rows: auto (detected from the columns) | alpaca | metamath | "
@@ -413,6 +423,21 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 1, got {value}")
         if self.validation_fraction is not None and not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.class_counts is not None:
+            if len(self.class_counts) < 2 or min(self.class_counts) < 1 or any(
+                    isinstance(n, bool) for n in self.class_counts):
+                raise ConfigError(f"data.class_counts must be 2 or more counts >= 1, got {self.class_counts}")
+            if self.max_train_examples is not None:
+                raise ConfigError("data.max_train_examples cannot be combined with data.class_counts "
+                                  "(which sets the training examples per class)")
+        if self.classes is not None:
+            if self.class_counts is None:
+                raise ConfigError("data.classes is read only with data.class_counts")
+            if len(self.classes) != len(self.class_counts):
+                raise ConfigError(f"data.classes has {len(self.classes)} names for the "
+                                  f"{len(self.class_counts)} data.class_counts")
+            if len(set(self.classes)) != len(self.classes):
+                raise ConfigError(f"data.classes names a class twice: {self.classes}")
 
 
 #: transformers schedules a run cannot use: they need ``lr_scheduler_kwargs`` (min_lr, num_decay_steps)

@@ -12,6 +12,12 @@ the softmax ``probabilities`` per class name (regression: the true and the predi
 With ``data.validation_fraction`` a seeded, stratified validation split is carved out of the
 training data (:func:`carve_validation`) and scored too: its metrics are ``validation/<name>``
 beside the test metrics' plain names.
+
+With ``data.class_counts`` (the imbalance study, paper Table 12) the TRAINING rows left after the
+validation carve are subsampled to those counts per class (:func:`balora.data.imbalance.make_imbalanced`);
+the validation and test splits keep all their rows of the chosen classes. Each scored split then
+also reports :func:`balora.evaluation.features.imbalance_metrics` (silhouette scores of its logits,
+the minority class's recall), and the test split's final-layer features go to ``features.npy``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from balora import run_dir
 from balora.config import VALIDATION_PREFIX, ConfigError, RunConfig
 from balora.data import encode, load_task
 from balora.data.classification import REGRESSION, TaskData, stratified_split, subsample
+from balora.data.imbalance import default_classes, make_imbalanced, minority_class, restrict_classes
 from balora.evaluation.classification import classification_metrics, regression_metrics
+from balora.evaluation.features import FEATURES_FILE, final_layer_features, imbalance_metrics
 from balora.models import load_sequence_classifier, load_tokenizer
 
 __all__ = ["ClassificationRun", "carve_validation"]
@@ -85,6 +93,9 @@ class ClassificationRun:
         validation = carve_validation(task, d.validation_fraction, c.train.seed) if carve else None
         if carve:
             task.train = subsample(task.train, d.max_train_examples, c.train.seed)
+        self.minority = None
+        if d.class_counts is not None:
+            task, validation = self._imbalanced(task, validation)
         tokenizer = load_tokenizer(c.model.name)
         self.validation_set = None if validation is None else encode(validation, tokenizer, c.model.max_length)
         self.task = task
@@ -100,17 +111,43 @@ class ClassificationRun:
         model = load_sequence_classifier(c.model.name, task.num_labels, task.label_names, task.problem_type)
         return model, tokenizer
 
+    def _imbalanced(self, task: TaskData, validation):
+        """``task`` with its training rows at ``data.class_counts`` and the validation rows restricted
+        to the chosen classes; the minority class is kept in ``self.minority``."""
+        d = self.config.data
+        try:
+            imbalanced = make_imbalanced(task, d.class_counts, d.classes, self.config.train.seed)
+        except ValueError as err:
+            raise ConfigError(f"data.class_counts={d.class_counts}: {err}") from None
+        self.minority = minority_class(d.classes or default_classes(task, len(d.class_counts)), d.class_counts)
+        if validation is not None:
+            validation = restrict_classes(validation, task.label_names, imbalanced.label_names)
+        return imbalanced, validation
+
     def evaluate(self, trainer, tokenizer, out_dir: Path, teacher) -> dict[str, Any]:
         """Task metrics of the trained model on the evaluation (test) split, plus the same metrics on
-        the validation split as ``validation/<name>`` when ``data.validation_fraction`` is set."""
+        the validation split as ``validation/<name>`` when ``data.validation_fraction`` is set; with
+        ``data.class_counts`` also the imbalance metrics of each split and ``out_dir/features.npy``."""
         metrics = self._test_metrics(trainer, out_dir)
         if self.validation_set is not None:
             logits, labels = _predict(trainer, self.validation_set)
-            scores = (regression_metrics(labels.reshape(-1), logits.reshape(-1))
-                      if self.task.problem_type == "regression"
-                      else classification_metrics(labels, logits.argmax(-1), self.task.label_names))
+            if self.task.problem_type == "regression":
+                scores = regression_metrics(labels.reshape(-1), logits.reshape(-1))
+            else:
+                scores = classification_metrics(labels, logits.argmax(-1), self.task.label_names)
+                scores.update(self._imbalance_metrics(logits, labels, scores))
             metrics.update({VALIDATION_PREFIX + k: v for k, v in scores.items()})
+        if self.minority is not None:
+            features = final_layer_features(trainer.model, self.eval_set, self.collator,
+                                            self.config.train.eval_batch_size)  # (N, d)
+            np.save(out_dir / FEATURES_FILE, features)
         return metrics
+
+    def _imbalance_metrics(self, logits: np.ndarray, labels: np.ndarray, scores: dict) -> dict[str, Any]:
+        """The imbalance metrics of one split's ``logits`` (N, D) when ``data.class_counts`` is set, else {}."""
+        if self.minority is None:
+            return {}
+        return imbalance_metrics(logits, labels, self.task.label_names, self.minority, scores)
 
     def _test_metrics(self, trainer, out_dir: Path) -> dict[str, Any]:
         """Task metrics of the trained model on the evaluation split (classification or regression);
@@ -125,7 +162,9 @@ class ClassificationRun:
         run_dir.write_jsonl(out_dir / run_dir.PREDICTIONS_FILE, self._rows(
             [names[i] for i in labels], [names[i] for i in predicted],
             [dict(zip(names, p)) for p in probabilities]))
-        return classification_metrics(labels, predicted, names)
+        scores = classification_metrics(labels, predicted, names)
+        scores.update(self._imbalance_metrics(logits, labels, scores))
+        return scores
 
     def _rows(self, labels: list, predictions: list, probabilities: list[dict] | None = None) -> list[dict[str, Any]]:
         """One record per evaluation example, in order (the rows of ``predictions.jsonl``):

@@ -54,8 +54,9 @@ def classification_metrics(
       in labels or predictions), ``matthews_corrcoef``;
     * ``f1``: binary F1 of the positive class (class 1, i.e. the second class), only
       when there are exactly 2 classes;
-    * ``recall/<name>`` for EVERY class, also those absent from the predictions or the
-      labels (``zero_division=0``, so a class with no true example reports 0.0);
+    * ``recall/<name>`` and ``f1/<name>`` for EVERY class, also those absent from the
+      predictions or the labels (``zero_division=0``, so a class with no true example
+      reports 0.0);
     * ``min_class_recall``: the lowest recall over the classes that have at least one
       true example in ``labels`` (classes with none have no defined recall);
     * ``rarest_class`` (name) and ``rarest_class_recall``: the class with the fewest
@@ -89,8 +90,10 @@ def classification_metrics(
             )
         )
     recalls = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
-    for name, rec in zip(names, recalls):
+    f1s = f1_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    for name, rec, f1 in zip(names, recalls, f1s):
         out[f"recall/{name}"] = float(rec)
+        out[f"f1/{name}"] = float(f1)
 
     support = np.array([(y_true == c).sum() for c in classes])
     present = [i for i, n in enumerate(support) if n > 0]
