@@ -390,3 +390,14 @@ def test_a_resume_folder_is_checked_first(tmp_path, refuse_model_loading):
     with pytest.raises(ConfigError, match="train.learning_rate must be a finite number"):
         train_run(None, resume=folder, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]
+
+
+def test_an_unknown_key_with_a_line_break_is_named_on_one_line(tmp_path):
+    """Found by the fuzzer: a YAML key of blank lines printed a two-line error."""
+    from balora.config import ConfigError, load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"? '\n\n  '\n: null\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert "\n" not in str(err.value) and "unknown key" in str(err.value)

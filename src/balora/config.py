@@ -735,7 +735,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted((key for key in data if key not in names), key=str)  # YAML keys may be numbers or null
     if unknown:
-        shown = (f"{where}{k}" if isinstance(k, str) and k else f"{where}{k!r}" for k in unknown)
+        printable = lambda k: isinstance(k, str) and k.isprintable() and k.strip() == k and k  # noqa: E731
+        shown = (f"{where}{k}" if printable(k) else f"{where}{k!r}" for k in unknown)
         raise ConfigError(f"unknown key(s) {', '.join(shown)}; known: {', '.join(sorted(names))}")
     values = {}
     for key, value in data.items():
