@@ -15,9 +15,10 @@ LOSS_KEYS = ("task_loss", "reg_consistency", "reg_diversity", "reg_svd")
 LAMBDA_KEYS = ("lambda_consistency", "lambda_diversity", "lambda_svd")
 
 
-def _save(fig, path: str | os.PathLike, title: str) -> Path:
+def save_figure(fig, path: str | os.PathLike, title: str = "", title_size: float | None = None) -> Path:
+    """Give ``fig`` its title, lay it out, write it to ``path`` (PNG, 110 dpi), close it; returns the path."""
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=title_size)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -40,7 +41,7 @@ def plot_loss_curve(history: Sequence[Mapping], path: str | os.PathLike, title: 
     lambdas = _plot_lines(ax_lambda, [(key, history, key) for key in LAMBDA_KEYS])
     ax_lambda.set_xlabel("step")
     ax_lambda.set_title("λ schedule" if lambdas else "no regularisers in this run")
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def _plot_lines(ax, lines: Sequence[tuple[str, Sequence[Mapping], str]]) -> bool:
@@ -83,4 +84,4 @@ def plot_comparison(
         logged = _plot_lines(ax, [(method, history, "task_loss") for method, history in histories.items()])
         ax.set_title("training task loss" if logged else "no training step was logged", fontsize=10)
         ax.set_xlabel("step")
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)

@@ -143,6 +143,7 @@ def plot_tsne(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from balora.plots import save_figure
 
     if not features:
         raise ValueError("plot_tsne needs the features of at least one method")
@@ -167,10 +168,4 @@ def plot_tsne(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequence[
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(fontsize=7, markerscale=1.5, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, title_size=11)

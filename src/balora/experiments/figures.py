@@ -13,19 +13,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from balora.plots import save_figure  # noqa: E402
+
 __all__ = ["plot_metric_bars", "plot_task_loss"]
 
 Curve = Sequence[Sequence[float]]  # [[step, value], ...]
-
-
-def _save(fig, path: str | os.PathLike, title: str) -> Path:
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _panels(count: int, width: float = 4.6, height: float = 3.6):
@@ -67,7 +59,7 @@ def plot_task_loss(curves: Mapping[str, Mapping[str, Sequence[Curve]]], path: st
         ax.set_ylabel("task loss, mean over seeds")
         if plotted:
             ax.legend(fontsize=8)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title, title_size=11)
 
 
 def plot_metric_bars(tables: Mapping[str, Mapping[str, Mapping[str, tuple[float, float]]]],
@@ -100,7 +92,7 @@ def plot_metric_bars(tables: Mapping[str, Mapping[str, Mapping[str, tuple[float,
         ax.set_ylim(low * 1.15 if low < 0 else 0, 1.1 if top <= 1.0 else top * 1.15)  # rates share a 0-1 axis
         ax.axhline(0, color="black", linewidth=0.6)
         ax.legend(fontsize=7)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title, title_size=11)
 
 
 def _max_bars(tables) -> int:
