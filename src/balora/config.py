@@ -363,6 +363,8 @@ _ADAPTER_USES: dict[str, tuple[Callable[[Any], bool], str]] = {
 #: The metrics of the validation split (``data.validation_fraction``) are named ``validation/<metric>``;
 #: the test metrics keep their plain names.
 VALIDATION_PREFIX = "validation/"
+#: Metrics of the out-of-distribution evaluation (data.ood_tasks): ``ood/<task>/<metric>``.
+OOD_PREFIX = "ood/"
 
 
 @dataclass
@@ -403,6 +405,11 @@ class DataConfig:
         family=CLASSIFICATION,
         help="the class names data.class_counts applies to, one per count; None = the most frequent "
              "training classes, most frequent first")
+    ood_tasks: list[str] | None = option(
+        family=CLASSIFICATION,
+        help="out-of-distribution evaluation: classification tasks with the same class names (any data.task "
+             "name, e.g. rotten-tomatoes, sst2-validation) whose evaluation splits the trained model is also "
+             "scored on (max_eval_examples applies), as ood/<task>/<metric>; None = none")
     format: str = option(
         "auto", family=GENERATION,
         help="layout of the SFT rows: auto (detected from the columns) | alpaca | metamath | "
@@ -430,6 +437,15 @@ class DataConfig:
             if self.max_train_examples is not None:
                 raise ConfigError("data.max_train_examples cannot be combined with data.class_counts "
                                   "(which sets the training examples per class)")
+        if self.ood_tasks is not None:
+            if not self.ood_tasks or any(not isinstance(t, str) or not t.strip() or "/" in t
+                                         for t in self.ood_tasks):
+                raise ConfigError(f"data.ood_tasks must be a list of task names (no '/'), got {self.ood_tasks}")
+            if len(set(self.ood_tasks)) != len(self.ood_tasks):
+                raise ConfigError(f"data.ood_tasks names a task twice: {self.ood_tasks}")
+            if self.task in self.ood_tasks:
+                raise ConfigError(f"data.ood_tasks names the training task {self.task!r} itself; its "
+                                  "evaluation split is already the test split")
         if self.classes is not None:
             if self.class_counts is None:
                 raise ConfigError("data.classes is read only with data.class_counts")

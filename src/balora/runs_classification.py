@@ -18,6 +18,11 @@ validation carve are subsampled to those counts per class (:func:`balora.data.im
 the validation and test splits keep all their rows of the chosen classes. Each scored split then
 also reports :func:`balora.evaluation.features.imbalance_metrics` (silhouette scores of its logits,
 the minority class's recall), and the test split's final-layer features go to ``features.npy``.
+
+With ``data.ood_tasks`` the trained model is also scored on the evaluation split of each named
+task (out of distribution: e.g. trained on ``imdb``, scored on ``rotten-tomatoes`` and
+``sst2-validation``), whose classes must be the training task's (matched by name); its metrics
+are ``ood/<task>/<name>``. The OOD tasks are loaded, and their classes checked, before the model.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from balora import run_dir
-from balora.config import VALIDATION_PREFIX, ConfigError, RunConfig
+from balora.config import OOD_PREFIX, VALIDATION_PREFIX, ConfigError, RunConfig
 from balora.data import encode, load_task
-from balora.data.classification import REGRESSION, TaskData, stratified_split, subsample
+from balora.data.classification import REGRESSION, TaskData, relabel, stratified_split, subsample
 from balora.data.imbalance import default_classes, make_imbalanced, minority_class, restrict_classes
 from balora.evaluation.classification import classification_metrics, regression_metrics
 from balora.evaluation.features import FEATURES_FILE, final_layer_features, imbalance_metrics
@@ -96,7 +101,9 @@ class ClassificationRun:
         self.minority = None
         if d.class_counts is not None:
             task, validation = self._imbalanced(task, validation)
+        ood = self._ood_tasks(task)
         tokenizer = load_tokenizer(c.model.name)
+        self.ood_sets = {name: encode(split, tokenizer, c.model.max_length) for name, split in ood.items()}
         self.validation_set = None if validation is None else encode(validation, tokenizer, c.model.max_length)
         self.task = task
         self.train_set = encode(task.train, tokenizer, c.model.max_length)
@@ -108,8 +115,33 @@ class ClassificationRun:
                           eval_examples=len(task.eval), skipped_rows=dict(task.skipped))
         if validation is not None:
             self.facts["validation_examples"] = len(validation)
+        for name, split in ood.items():
+            self.facts[f"{OOD_PREFIX}{name}/eval_examples"] = len(split)
         model = load_sequence_classifier(c.model.name, task.num_labels, task.label_names, task.problem_type)
         return model, tokenizer
+
+    def _ood_tasks(self, task: TaskData) -> dict[str, datasets.Dataset]:
+        """The evaluation split of every ``data.ood_tasks`` task, its labels renumbered to ``task``'s
+        classes; a task that cannot be loaded or has other classes is a one-line ConfigError."""
+        d, out = self.config.data, {}
+        for name in d.ood_tasks or ():
+            try:
+                other = load_task(name, seed=self.config.train.seed, max_train_examples=1,
+                                  max_eval_examples=d.max_eval_examples)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"data.ood_tasks: {name}: {' '.join(str(err).split())}") from None
+            if task.problem_type == REGRESSION or other.problem_type == REGRESSION:
+                raise ConfigError(f"data.ood_tasks: {name}: out-of-distribution scoring needs two "
+                                  "classification tasks")
+            if other.is_pair != task.is_pair:
+                raise ConfigError(f"data.ood_tasks: {name} {'has' if other.is_pair else 'has no'} text pairs, "
+                                  f"{task.name} {'has' if task.is_pair else 'has none'}")
+            try:
+                out[name] = relabel(other.eval, other.label_names, task.label_names)
+            except ValueError as err:
+                raise ConfigError(f"data.ood_tasks: {name} cannot be scored by a model of {task.name}: {err}") \
+                    from None
+        return out
 
     def _imbalanced(self, task: TaskData, validation):
         """``task`` with its training rows at ``data.class_counts`` and the validation rows restricted
@@ -137,6 +169,10 @@ class ClassificationRun:
                 scores = classification_metrics(labels, logits.argmax(-1), self.task.label_names)
                 scores.update(self._imbalance_metrics(logits, labels, scores))
             metrics.update({VALIDATION_PREFIX + k: v for k, v in scores.items()})
+        for name, dataset in self.ood_sets.items():
+            logits, labels = _predict(trainer, dataset)
+            scores = classification_metrics(labels, logits.argmax(-1), self.task.label_names)
+            metrics.update({f"{OOD_PREFIX}{name}/{k}": v for k, v in scores.items()})
         if self.minority is not None:
             features = final_layer_features(trainer.model, self.eval_set, self.collator,
                                             self.config.train.eval_batch_size)  # (N, d)

@@ -49,6 +49,7 @@ __all__ = [
     "load_classification_files",
     "load_table",
     "read_split",
+    "relabel",
     "stratified_split",
     "subsample",
 ]
@@ -376,6 +377,22 @@ def subsample(ds: datasets.Dataset, n: int | None, seed: int = 0) -> datasets.Da
     if n < 1:
         raise ValueError(f"the number of examples must be at least 1, not {n}")
     return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
+
+
+def relabel(split: datasets.Dataset, from_names: Sequence[str], to_names: Sequence[str]) -> datasets.Dataset:
+    """``split`` with its label ids (positions in ``from_names``) renumbered to the positions of the
+    same class names in ``to_names``; both must name the same classes (in any order), else a
+    one-line ValueError naming the difference."""
+    if set(from_names) != set(to_names) or len(from_names) != len(to_names):
+        only_from = sorted(set(from_names) - set(to_names))
+        only_to = sorted(set(to_names) - set(from_names))
+        raise ValueError(f"the classes differ: {', '.join(only_from) or 'none'} only in one, "
+                         f"{', '.join(only_to) or 'none'} only in the other")
+    if list(from_names) == list(to_names):
+        return split
+    new_id = [list(to_names).index(n) for n in from_names]
+    remapped = [new_id[int(label)] for label in split["label"]]
+    return split.remove_columns("label").add_column("label", remapped).cast_column("label", split.features["label"])
 
 
 # ---------------------------------------------------------------- tokenisation

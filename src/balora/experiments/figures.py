@@ -1,4 +1,5 @@
-"""Figures of an experiment report: task-loss curves per method, and metric bars with error bars."""
+"""Figures of an experiment report: task-loss curves per method, metric bars with error bars, and
+sweep lines (a metric against a swept setting such as the rank or λ1, paper Figures 4 and 6)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from balora.plots import save_figure  # noqa: E402
 
-__all__ = ["plot_metric_bars", "plot_task_loss"]
+__all__ = ["plot_metric_bars", "plot_sweep", "plot_task_loss"]
 
 Curve = Sequence[Sequence[float]]  # [[step, value], ...]
 
@@ -98,3 +99,27 @@ def plot_metric_bars(tables: Mapping[str, Mapping[str, Mapping[str, tuple[float,
 def _max_bars(tables) -> int:
     return max((len(cells) * max(len(by_data), 1) for by_data in tables.values()
                 for cells in by_data.values()), default=1)
+
+
+def plot_sweep(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float, float]]]], path: str | os.PathLike,
+               xlabel: str, title: str = "", log_x: bool = False) -> Path:
+    """One panel per (metric, data set): per method, the mean over seeds against the swept value,
+    with the sample standard deviation as error bars.
+
+    ``panels[panel title][method] = [(x, mean, std), ...]``; NaN means are left out.
+    """
+    fig, axes = _panels(max(len(panels), 1))
+    for ax, (name, lines) in zip(axes, panels.items() or [("no data", {})]):
+        for method, points in lines.items():
+            points = sorted((x, m, 0.0 if math.isnan(sd) else sd) for x, m, sd in points if not math.isnan(m))
+            if points:
+                xs, means, stds = zip(*points)
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        if lines:
+            ax.legend(fontsize=8)
+    return save_figure(fig, path, title, title_size=11)

@@ -26,6 +26,7 @@ the text says when the interval includes 0.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -33,11 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from balora.experiments.figures import plot_metric_bars, plot_task_loss
+import numpy as np
+
+from balora.experiments.convergence import SMOOTHING_WINDOW, STEPS_METRIC, common_threshold, steps_to_reach
+from balora.experiments.figures import plot_metric_bars, plot_sweep, plot_task_loss
 from balora.experiments.selection import Choice, result_cells
 from balora.experiments.spec import Cell, ExperimentSpec, load_spec, lower_is_better
 from balora.experiments.stats import MIN_RELIABLE_PAIRS, PairedDifference, mean_std, paired_bootstrap
-from balora.experiments.store import FAILED, FINISHED, RUNNING, ExperimentStore, default_store, record_metric
+from balora.experiments.store import (FAILED, FINISHED, OOD_MEAN, RUNNING, ExperimentStore, default_store,
+                                      metric_split, record_metric)
 
 __all__ = ["Entry", "MetricTable", "Report", "build_report", "open_experiment", "write_report"]
 
@@ -143,6 +148,7 @@ class Report:
     not_counted: list[tuple[str, str, str]]  # (cell id, status, detail)
     waiting: list[tuple]
     curves: dict[str, dict[str, list]]
+    thresholds: dict[str, float] = field(default_factory=dict)  # data set -> loss of the convergence table
 
 
 def _rows(spec: ExperimentSpec) -> list[str]:
@@ -179,14 +185,44 @@ def build_report(spec: ExperimentSpec, store: ExperimentStore) -> Report:
                 entry.name = entry.name or name
                 if value is not None:
                     entry.values[cell.seed] = value
-        tables.append(MetricTable(metric, spec.report.split, rows, list(spec.data), entries,
+        tables.append(MetricTable(metric, metric_split(metric, spec.report.split)[0], rows, list(spec.data), entries,
                                   spec.report.lower_is_better))
     curves = {d: {r: [] for r in rows} for d in spec.data}
     for cell in cells:
         if cell.id in counted:
             curves[cell.data][cell.row].append(counted[cell.id].get("task_loss") or [])
+    convergence, thresholds = _convergence_table(spec, cells, counted, rows)
+    if convergence is not None:
+        tables.append(convergence)
     return Report(spec, store, tables, _comparisons(spec, cells, tables), _cost(spec, cells, counted), choices,
-                  counted, cells, not_counted, waiting, curves)
+                  counted, cells, not_counted, waiting, curves, thresholds)
+
+
+def _convergence_table(spec: ExperimentSpec, cells: list[Cell], counted: dict[str, dict], rows: list[str]
+                       ) -> tuple[MetricTable | None, dict[str, float]]:
+    """Steps to the training task-loss threshold per (row, data set) and the threshold per data set
+    (:mod:`balora.experiments.convergence`); None when no counted cell logged a task loss."""
+    thresholds = {}
+    for data in spec.data:
+        found = [counted[c.id].get("task_loss") or [] for c in cells if c.data == data and c.id in counted]
+        found = [c for c in found if c]
+        level = spec.report.loss_threshold if spec.report.loss_threshold is not None else common_threshold(found)
+        if found and level is not None:
+            thresholds[data] = level
+    if not thresholds:
+        return None, {}
+    entries = {r: {d: Entry() for d in spec.data} for r in rows}
+    for cell in cells:
+        entry = entries[cell.row][cell.data]
+        entry.planned += 1
+        entry.name = STEPS_METRIC
+        curve = counted[cell.id].get("task_loss") if cell.id in counted else None
+        if curve and cell.data in thresholds:
+            step = steps_to_reach(curve, thresholds[cell.data])
+            if step is not None:
+                entry.values[cell.seed] = step
+    return MetricTable(STEPS_METRIC, "train", rows, list(spec.data), entries,
+                       (*spec.report.lower_is_better, STEPS_METRIC)), thresholds
 
 
 def _baseline_pairs(spec: ExperimentSpec, cells: list[Cell]) -> list[tuple[str, str]]:
@@ -283,6 +319,14 @@ def _split_text(spec: ExperimentSpec, split: str) -> str:
     if split == "validation":
         return ("**validation** split (carved from the TRAINING data by data.validation_fraction, seeded; "
                 "stratified by class for classification, by template for gsm-symbolic)")
+    if split == "train":
+        return "**training** task loss logged during each run (the convergence table: see its text)"
+    if split == OOD_MEAN:
+        return ("**out-of-distribution** splits (data.ood_tasks: the mean over the evaluation splits of the "
+                "tasks each cell names, scored by the model trained on the cell's task)")
+    if split.startswith("ood/"):
+        return (f"**out-of-distribution** split `{split}` (the evaluation split of {split[4:]}, scored by the "
+                "model trained on each cell's task)")
     return "**test** split (each task's evaluation split: data.eval_file or the task's own held-out split)"
 
 
@@ -344,8 +388,13 @@ def write_report(spec: ExperimentSpec, store: ExperimentStore, out_dir: str | os
                       f"validation {sel.metric} ({sel.goal}) over seeds {', '.join(map(str, sel.seeds))}; the "
                       "test split was not used for the choice. The tables report the chosen value's cells."]
     for table in report.tables:
-        parts += ["", f"## {table.metric} ({table.split} split)", "", _table_markdown(table)]
-        _write_csv(out / f"table_{table.metric}.csv",
+        parts += ["", f"## {table.metric} ({table.split} split)", ""]
+        if table.metric == STEPS_METRIC:
+            parts += [_convergence_text(report), ""]
+        elif table.split != s.split:
+            parts += [f"From the {_split_text(spec, table.split)}.", ""]
+        parts += [_table_markdown(table)]
+        _write_csv(out / f"table_{table.metric.replace('/', '_')}.csv",
                    ["row", *[f"{d} {k}" for d in table.data for k in ("mean", "std", "n")], "Avg"],
                    [[r, *[_csv_value(v) for d in table.data for v in table.entries[r][d].stats], _csv_value(table.average(r))]
                     for r in table.rows])
@@ -360,6 +409,18 @@ def write_report(spec: ExperimentSpec, store: ExperimentStore, out_dir: str | os
     path = out / "report.md"
     path.write_text("\n".join(parts).rstrip() + "\n")
     return path
+
+
+def _convergence_text(report: Report) -> str:
+    given = report.spec.report.loss_threshold is not None
+    levels = ", ".join(f"{d}: {_fmt(v)}" for d, v in report.thresholds.items())
+    return ("Convergence speed: the first logged training step at which the task loss, smoothed by a trailing "
+            f"mean over {SMOOTHING_WINDOW} logged points, is at or below "
+            + ("report.loss_threshold" if given else
+               "the level every counted cell of the data set reaches (the largest of the cells' lowest smoothed "
+               "losses)")
+            + f" ({levels}); lower is faster. Its resolution is train.logging_steps; a cell that never gets "
+            "there has no value (an entry then shows fewer finished seeds than planned).")
 
 
 def _unused_candidates(report: Report) -> int:
@@ -450,8 +511,63 @@ def _figures_section(report: Report, out: Path) -> list[str]:
         bars[f"{label} ({table.split})"] = {
             d: {r: table.entries[r][d].stats[:2] for r in table.rows} for d in table.data}
     plot_metric_bars(bars, out / "metrics.png", title=f"{spec.name}: mean over seeds, error bars = std")
-    return ["## Figures", "", "![training task loss](task_loss.png)", "",
-            f"![metrics, {spec.report.split} split](metrics.png)"]
+    lines = ["## Figures", "", "![training task loss](task_loss.png)", "",
+             f"![metrics, {spec.report.split} split](metrics.png)"]
+    return lines + _sweep_figure(report, out) + _tsne_figures(report, out)
+
+
+def _sweep_figure(report: Report, out: Path) -> list[str]:
+    """``sweep.png`` (with ``report.sweep``): every table's mean ± std against the swept value, one
+    line per method, one panel per (metric, data set)."""
+    sweep = report.spec.report.sweep
+    if sweep is None:
+        return []
+    value = dict(sweep.values)
+    rows = {}  # method -> [(x, row)]
+    for cell in report.cells:
+        if cell.variant in value and (value[cell.variant], cell.row) not in rows.setdefault(cell.method, []):
+            rows[cell.method].append((value[cell.variant], cell.row))
+    panels = {}
+    for table in report.tables:
+        for data in table.data:
+            panels[f"{table.metric} ({table.split}), {data}"] = {
+                method: [(x, *table.entries[row][data].stats[:2]) for x, row in points]
+                for method, points in rows.items()}
+    plot_sweep(panels, out / "sweep.png", xlabel=sweep.name, log_x=sweep.log,
+               title=f"{report.spec.name}: mean over seeds against {sweep.name}, error bars = std")
+    return ["", f"![metrics against {sweep.name}](sweep.png)"]
+
+
+def _tsne_figures(report: Report, out: Path) -> list[str]:
+    """Per data set, a t-SNE panel per row of the test split's final-layer features (``features.npy``,
+    saved by runs with ``data.class_counts``) of its first counted seed; [] when no run saved any."""
+    from balora.evaluation.features import FEATURES_FILE, plot_tsne
+    from balora.run_dir import PREDICTIONS_FILE
+
+    lines = []
+    for data in report.spec.data:
+        features, labels, seeds = {}, {}, {}
+        for row in _rows(report.spec):
+            for cell in sorted((c for c in report.cells if c.row == row and c.data == data and c.id in report.counted),
+                               key=lambda c: report.spec.seeds.index(c.seed)):
+                run = report.counted[cell.id].get("run_dir")
+                folder = report.store.root / run if run else None
+                if folder is None or not (folder / FEATURES_FILE).is_file() or not (folder / PREDICTIONS_FILE).is_file():
+                    continue
+                with open(folder / PREDICTIONS_FILE) as handle:
+                    labels[row] = [json.loads(line)["label"] for line in handle if line.strip()]
+                features[row], seeds[row] = np.load(folder / FEATURES_FILE), cell.seed
+                break
+        if not features:
+            continue
+        names = sorted({name for found in labels.values() for name in found})
+        ids = {row: [names.index(n) for n in found] for row, found in labels.items()}
+        name = f"tsne_{data}.png"
+        plot_tsne(features, ids, names, out / name,
+                  title=f"{report.spec.name}, {data}: t-SNE of the test split's final-layer features "
+                        f"(seed {', '.join(sorted({str(s) for s in seeds.values()}))})")
+        lines += ["", f"![t-SNE of the final-layer features, {data}]({name})"]
+    return lines
 
 
 def _not_counted_section(report: Report) -> list[str]:
@@ -490,9 +606,10 @@ def _write_cells_csv(report: Report, path: Path) -> None:
         if record is None:
             continue
         for metric in report.spec.report.metrics:
-            for split in ("test", "validation"):
+            for split in ("test", "validation") if not metric.startswith("ood/") else ("test",):
                 name, value = record_metric(record, metric, split)
                 if value is not None:
                     rows.append([cell.id, cell.data, cell.method, cell.variant or "",
-                                 "" if cell.value is None else cell.value, cell.seed, split, name, value])
+                                 "" if cell.value is None else cell.value, cell.seed,
+                                 metric_split(metric, split)[0], name, value])
     _write_csv(path, ["cell", "data", "method", "variant", "selected", "seed", "split", "metric", "value"], rows)

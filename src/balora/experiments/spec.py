@@ -24,6 +24,12 @@ A spec names a base run config and the axes that vary around it::
       baseline: balora                # paired comparisons against this row (default: balora)
       split: test                     # test | validation (default: test)
       lower_is_better: []             # metric names where lower is better, beyond the built-in ones
+      loss_threshold: 0.5             # convergence speed: steps to this training task loss (default:
+                                      # the level every cell of the data set reaches)
+      sweep:                          # optional: the variants are values of one setting; adds sweep.png
+        name: rank                    # the x axis
+        values: {r8: 8, r32: 32}      # variant -> value
+        log: true                     # log2 x axis
 
 A cell's config is the base, then ``set``, the data variant, the method, the override variant,
 the selected value and the seed, in that order, read by the project's config loader
@@ -51,6 +57,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +94,8 @@ LOWER_IS_BETTER = frozenset({"mse", "loss", "no_answer"})
 _SPEC_KEYS = ("name", "description", "base", "set", "grid", "select", "report")
 _GRID_KEYS = ("method", "task", "data", "seed", "overrides")
 _SELECT_KEYS = ("key", "values", "metric", "goal", "seeds")
-_REPORT_KEYS = ("metrics", "baseline", "split", "lower_is_better")
+_REPORT_KEYS = ("metrics", "baseline", "split", "lower_is_better", "loss_threshold", "sweep")
+_SWEEP_KEYS = ("name", "values", "log")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 SEPARATOR = "__"
 
@@ -171,11 +179,22 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """A numeric setting behind the override variants, for the sweep figure (e.g. the rank)."""
+
+    name: str
+    values: tuple[tuple[str, float], ...]  # (variant, value) in the spec's order
+    log: bool = False
+
+
+@dataclass(frozen=True)
 class ReportSettings:
     metrics: tuple[str, ...] = ("headline",)
     baseline: str = "balora"
     split: str = "test"
     lower_is_better: tuple[str, ...] = ()
+    loss_threshold: float | None = None
+    sweep: Sweep | None = None
 
 
 @dataclass
@@ -369,7 +388,7 @@ class _Parser:
         seeds = self.names(grid.get("seed", list(PAPER_SEEDS)), "grid.seed", int)
         variants = self.variants(grid["overrides"], "grid.overrides") if "overrides" in grid else None
         select = self.selection(raw.get("select"), seeds)
-        report = self.report_settings(raw.get("report"))
+        report = self.report_settings(raw.get("report"), variants)
 
         reserved = {"train.seed": "grid.seed", **{k: "the store" for k in RUN_LOCATION_KEYS}}
         if method_axis:
@@ -448,7 +467,25 @@ class _Parser:
             self.fail("select.values of lambda_scale must be numbers >= 0")
         return Selection(key=key, values=tuple(values), metric=metric, goal=goal, seeds=tuple(select_seeds))
 
-    def report_settings(self, value: Any) -> ReportSettings:
+    def sweep(self, value: Any, variants: dict | None) -> Sweep:
+        sweep = self.check_keys(value, _SWEEP_KEYS, "report.sweep")
+        name, values, log = sweep.get("name"), sweep.get("values"), sweep.get("log", False)
+        if not isinstance(name, str) or not name:
+            self.fail("report.sweep.name must name the swept setting (the figure's x axis), e.g. rank")
+        if not isinstance(values, dict) or not values:
+            self.fail("report.sweep.values must map grid.overrides variants to numbers, e.g. {r8: 8}")
+        unknown = [k for k in values if k not in (variants or {})]
+        if unknown:
+            self.fail(f"report.sweep.values names {', '.join(map(str, unknown))}, which grid.overrides does not "
+                      f"have ({', '.join(variants or {}) or 'no variants'})")
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (log and v <= 0):
+                self.fail(f"report.sweep.values.{k} must be a {'positive ' if log else ''}number, got {v!r}")
+        if not isinstance(log, bool):
+            self.fail(f"report.sweep.log must be true or false, got {log!r}")
+        return Sweep(name=name, values=tuple((str(k), float(v)) for k, v in values.items()), log=log)
+
+    def report_settings(self, value: Any, variants: dict | None = None) -> ReportSettings:
         rep = self.check_keys(value, _REPORT_KEYS, "report")
         metrics = tuple(self.names(rep.get("metrics", ["headline"]), "report.metrics"))
         baseline = rep.get("baseline", "balora")
@@ -459,7 +496,13 @@ class _Parser:
             self.fail(f"report.split must be test or validation, got {split!r}")
         lower = tuple(self.names(rep["lower_is_better"], "report.lower_is_better")) \
             if rep.get("lower_is_better") else ()
-        return ReportSettings(metrics=metrics, baseline=baseline, split=split, lower_is_better=lower)
+        threshold = rep.get("loss_threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            self.fail(f"report.loss_threshold must be a number (a training task loss), got {threshold!r}")
+        sweep = self.sweep(rep["sweep"], variants) if rep.get("sweep") is not None else None
+        return ReportSettings(metrics=metrics, baseline=baseline, split=split, lower_is_better=lower,
+                              loss_threshold=None if threshold is None else float(threshold), sweep=sweep)
 
 
 class _Resolver:

@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from balora.config import VALIDATION_PREFIX
+from balora.config import OOD_PREFIX, VALIDATION_PREFIX
 from balora.experiments.spec import Cell, ExperimentSpec
 
 __all__ = [
+    "OOD_MEAN",
     "FAILED",
     "FINISHED",
     "RUNNING",
@@ -41,6 +42,7 @@ __all__ = [
     "StoreError",
     "default_store",
     "make_record",
+    "metric_split",
     "record_metric",
     "split_metrics",
     "write_json_atomic",
@@ -88,24 +90,34 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _split_of(key: str) -> tuple[str, str]:
+    """``(split, metric name)`` of a ``metrics.json`` key (see :func:`split_metrics`)."""
+    if key.startswith(VALIDATION_PREFIX):
+        return "validation", key[len(VALIDATION_PREFIX):]
+    if key.startswith(OOD_PREFIX) and key.count("/") >= 2:
+        task, name = key[len(OOD_PREFIX):].split("/", 1)
+        return OOD_PREFIX + task, name
+    return "test", key
+
+
 def split_metrics(run_metrics: dict[str, Any]) -> dict[str, dict]:
     """A run's ``metrics.json`` sorted into ``metrics`` and ``per_class`` per split, ``info`` and ``facts``.
 
-    ``validation/<name>`` entries belong to the validation split, every other entry to the test
-    split (the run's evaluation split). A name with a ``/`` (``recall/<class>``) is a per-class
-    metric; a number is a metric unless it is a run fact (:data:`RUN_FACTS`); anything else
-    (task, method, headline metric, rarest class, ...) is info.
+    ``validation/<name>`` entries belong to the validation split, ``ood/<task>/<name>`` entries
+    (``data.ood_tasks``) to the split ``ood/<task>``, every other entry to the test split (the
+    run's evaluation split). A name with a ``/`` (``recall/<class>``) is a per-class metric; a
+    number is a metric unless it is a run fact (:data:`RUN_FACTS`; an OOD split's facts keep their
+    full key); anything else (task, method, headline metric, rarest class, ...) is info.
     """
     out: dict[str, dict] = {"metrics": {}, "per_class": {}, "info": {}, "facts": {}}
     for key, value in run_metrics.items():
-        split, name = ("validation", key[len(VALIDATION_PREFIX):]) if key.startswith(VALIDATION_PREFIX) \
-            else ("test", key)
+        split, name = _split_of(key)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if "/" in name and number:
+        if number and split != "validation" and name in RUN_FACTS:
+            out["facts"][name if split == "test" else key] = value
+        elif "/" in name and number:
             kind, cls = name.split("/", 1)
             out["per_class"].setdefault(split, {}).setdefault(kind, {})[cls] = value
-        elif number and split == "test" and name in RUN_FACTS:
-            out["facts"][name] = value
         elif number:
             out["metrics"].setdefault(split, {})[name] = value
         else:
@@ -248,8 +260,30 @@ class ExperimentStore:
 def record_metric(record: dict[str, Any], metric: str, split: str = "test") -> tuple[str | None, float | None]:
     """``(name, value)`` of ``metric`` in a record's ``split``; ``headline`` is the task's own headline
     metric (``info.headline_metric``). The value is None when the record does not have it."""
+    split, metric = metric_split(metric, split)
     name = record.get("info", {}).get("headline_metric") if metric == "headline" else metric
     if name is None:
         return None, None
-    value = record.get("metrics", {}).get(split, {}).get(name)
+    metrics = record.get("metrics", {})
+    if split == OOD_MEAN:  # the mean over the record's OOD splits that have the metric
+        values = [float(m[name]) for s, m in sorted(metrics.items()) if s.startswith(OOD_PREFIX) and name in m]
+        return name, float(sum(values) / len(values)) if values else None
+    value = metrics.get(split, {}).get(name)
     return name, None if value is None else float(value)
+
+
+#: The pseudo-split of ``ood/<metric>``: the mean over a cell's out-of-distribution splits.
+OOD_MEAN = "ood"
+
+
+def metric_split(metric: str, split: str = "test") -> tuple[str, str]:
+    """``(split, metric)`` of a report metric: ``ood/<task>/<metric>`` is read from the split
+    ``ood/<task>``, ``ood/<metric>`` is the mean over every OOD split (:data:`OOD_MEAN`), any
+    other metric from ``split``."""
+    if metric.startswith(OOD_PREFIX):
+        rest = metric[len(OOD_PREFIX):]
+        if "/" in rest:
+            task, name = rest.split("/", 1)
+            return OOD_PREFIX + task, name
+        return OOD_MEAN, rest
+    return split, metric
