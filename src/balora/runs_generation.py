@@ -12,7 +12,9 @@ Evaluation, with the very functions ``balora evaluate`` calls:
 * the benchmark (``RunConfig.benchmark``: ``eval.benchmark``, or gsm8k for ``gsm-symbolic``):
   :func:`balora.evaluation.math.evaluate_math` on the test problems (the test side of
   ``gsm-symbolic``, or GSM8K / MATH test, or ``data.eval_file``; the first ``eval.max_examples``),
-  every answer written to ``predictions.jsonl`` in the run directory;
+  every answer written to ``predictions.jsonl`` in the run directory; and the teacher-forced loss
+  of the same problems' reference solutions (``answer_loss``, ``answer_perplexity``:
+  :func:`balora.evaluation.answer_loss.answer_loss`), which moves where accuracy cannot;
 * ``eval.perplexity_corpus``: :func:`balora.evaluation.perplexity.eval_perplexity` of the adapted
   and of the pre-trained model (paper Table 13), the latter seen through the run's teacher;
 * ``data.validation_fraction`` (``gsm-symbolic`` only): that fraction of the TRAINING templates is
@@ -34,6 +36,7 @@ from balora.config import GSM_SYMBOLIC_TASK, VALIDATION_PREFIX, ConfigError, Run
 from balora.data.gsm_symbolic import load_gsm_symbolic
 from balora.data.math import load_gsm8k, load_math
 from balora.data.sft import SFTCollator, encode_sft, load_sft_dataset
+from balora.evaluation.answer_loss import answer_loss
 from balora.evaluation.math import evaluate_math
 from balora.evaluation.perplexity import eval_perplexity
 from balora.models import load_causal_lm
@@ -44,6 +47,8 @@ __all__ = ["PREDICTIONS_FILE", "VALIDATION_PREDICTIONS_FILE", "GenerationData", 
 
 #: The answers to the validation problems (``data.validation_fraction``), beside ``predictions.jsonl``.
 VALIDATION_PREDICTIONS_FILE = "validation_predictions.jsonl"
+#: Rows per forward of the answer loss: its (B, L, vocabulary) logits are the memory that counts.
+ANSWER_LOSS_BATCH = 4
 
 
 @dataclass
@@ -136,8 +141,18 @@ class GenerationRun:
                           train_examples=len(self.train_set), skipped_rows=dict(skipped), **self.data.facts)
         return model, tokenizer
 
+    def _answer_loss(self, model, tokenizer, rows: datasets.Dataset) -> dict[str, Any]:
+        """:func:`balora.evaluation.answer_loss.answer_loss` of ``rows`` when they hold reference
+        solutions (column ``answer``), else {}."""
+        if "answer" not in rows.column_names:
+            return {}
+        return answer_loss(model, tokenizer, rows, max_length=self.config.model.max_length,
+                           batch_size=ANSWER_LOSS_BATCH, progress=self.progress)
+
     def evaluate(self, trainer, tokenizer, out_dir: Path, teacher) -> dict[str, Any]:
-        """The benchmark's accuracy (answers in ``predictions.jsonl``) and the perplexities, as configured.
+        """The benchmark's accuracy (answers in ``predictions.jsonl``), the loss of the reference
+        solutions of the same problems (``answer_loss``, :mod:`balora.evaluation.answer_loss`) and
+        the perplexities, as configured.
 
         ``teacher``: the run's :class:`~balora.teacher.SnapshotTeacher` (the pre-trained model of an
         in-memory PiSSA model, whose base holds W_res), or None without perplexity corpus.
@@ -149,11 +164,13 @@ class GenerationRun:
                 model, tokenizer, self.data.test, c.benchmark, max_new_tokens=e.max_new_tokens,
                 batch_size=e.batch_size, progress=self.progress, records_path=out_dir / PREDICTIONS_FILE,
             ))
+            metrics.update(self._answer_loss(model, tokenizer, self.data.test))
         if self.data.validation is not None:
             scores = evaluate_math(
                 model, tokenizer, self.data.validation, c.benchmark, max_new_tokens=e.max_new_tokens,
                 batch_size=e.batch_size, progress=self.progress, records_path=out_dir / VALIDATION_PREDICTIONS_FILE,
             )
+            scores.update(self._answer_loss(model, tokenizer, self.data.validation))
             metrics.update({VALIDATION_PREFIX + k: v for k, v in scores.items()})
         if e.perplexity_corpus is not None:
             result = eval_perplexity(model, tokenizer, corpus=e.perplexity_corpus, stride=e.perplexity_stride,

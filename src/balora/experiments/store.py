@@ -56,7 +56,7 @@ LOCK_FILE = "lock"
 #: Numeric entries of a run's metrics.json that describe the run, not its quality.
 RUN_FACTS = frozenset({"trainable_parameters", "train_seconds", "eval_seconds", "global_steps", "train_examples",
                        "eval_examples", "validation_examples", "train_templates", "test_templates",
-                       "validation_templates"})
+                       "validation_templates", "answer_tokens", "answer_rows_dropped"})
 
 
 class StoreError(RuntimeError):
