@@ -591,6 +591,7 @@ def test_full_fine_tuning_run_compares_with_its_base(tiny_causal_lm_dir, corpus_
     (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
     (["--samples", "0"], "--samples must be an integer >= 1"),
     (["--stride", "0"], "--stride must be an integer >= 1"),
+    (["--max-tokens", "1"], "--max-tokens must be an integer >= 2"),
     (["--data", "no/such/file.jsonl"], "--data no/such/file.jsonl: no such file"),
 ])
 def test_cli_checks_every_flag_before_loading_anything(tmp_path, monkeypatch, flags, message):

@@ -402,3 +402,23 @@ def test_generation_run_reports_validation_metrics(tiny_causal_lm_dir, tmp_path,
     held, kept = m["validation_templates"], m["train_templates"]
     assert held >= 1 and held == round(0.1 * (held + kept))  # 10% of the training templates
     assert (result.run_dir / VALIDATION_PREDICTIONS_FILE).is_file()
+
+
+def test_rows_without_a_method_axis_are_the_variants_and_the_baseline_must_exist():
+    grid = {"seed": [42], "overrides": {"plain": {"adapter.method": "pissa"},
+                                        "full": {"adapter.method": "balora"}}}
+    spec = load_spec(_spec(grid=grid, report={"baseline": "full"}))
+    assert [c.row for c in spec.cells] == ["plain", "full"]
+    assert [c.method for c in spec.cells] == ["pissa", "balora"]  # each cell's own method
+    assert [c.id for c in spec.cells][0].endswith("__plain__s42")
+    build_report(spec, ExperimentStore(Path("unused")))  # no record: nothing is read
+    from balora.experiments.report import _baseline_pairs
+
+    assert _baseline_pairs(spec, spec.cells) == [("plain", "full")]
+    with pytest.raises(SpecError, match="report.baseline 'pissa · full' is neither a row of the grid "
+                                        r"\(plain, full\) nor one of its methods"):
+        load_spec(_spec(grid=grid, report={"baseline": "pissa · full"}))
+    # with a method axis, rows keep the method, and a method name is a valid baseline
+    spec = load_spec(_spec(grid={"method": ["lora", "pissa+reg"], "seed": [42],
+                                 "overrides": {"r2": {"adapter.rank": 2}}}, report={"baseline": "balora"}))
+    assert [c.row for c in spec.cells] == ["lora · r2", "pissa+reg · r2"]

@@ -284,3 +284,29 @@ def test_bf16_model(model, tokenizer):
     low = sliding_window_perplexity(bf16.eval(), tokenizer, TEXTS, max_length=16, stride=8, progress=False)
     assert low.tokens == ref.tokens and math.isfinite(low.nll)
     assert low.nll == pytest.approx(ref.nll, rel=2e-2)
+
+
+@pytest.mark.parametrize("max_tokens", [2, 17])
+def test_max_tokens_scores_the_first_tokens_only(model, tokenizer, ids, max_tokens):
+    result = sliding_window_perplexity(model, tokenizer, TEXTS, max_length=12, stride=5, max_tokens=max_tokens,
+                                       progress=False)
+    nll, count = naive_nll(model, ids[:max_tokens], 12, 5)
+    assert result.tokens == count == max_tokens - 1
+    assert result.nll == pytest.approx(nll, rel=1e-5)
+    everything = sliding_window_perplexity(model, tokenizer, TEXTS, max_length=12, stride=5,
+                                           max_tokens=10_000, progress=False)
+    assert everything.tokens == len(ids) - 1  # a cap beyond the text changes nothing
+    with pytest.raises(ValueError, match="max_tokens must be >= 2, got 1"):
+        sliding_window_perplexity(model, tokenizer, TEXTS, max_tokens=1, progress=False)
+
+
+def test_perplexity_max_tokens_config_checks():
+    from balora.config import ConfigError, load_config
+
+    gen = ["family=generation", "data.task=gsm-symbolic"]
+    ok = load_config(None, [*gen, "eval.perplexity_corpus=grimm-tales", "eval.perplexity_max_tokens=1000"])
+    assert ok.eval.perplexity_max_tokens == 1000
+    with pytest.raises(ConfigError, match="eval.perplexity_max_tokens is read only with eval.perplexity_corpus"):
+        load_config(None, [*gen, "eval.perplexity_max_tokens=1000"])
+    with pytest.raises(ConfigError, match="eval.perplexity_max_tokens must be >= 2"):
+        load_config(None, [*gen, "eval.perplexity_corpus=grimm-tales", "eval.perplexity_max_tokens=1"])

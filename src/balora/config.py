@@ -539,6 +539,10 @@ class GenerationEvalConfig:
         help="a text corpus (e.g. grimm-tales): also report the perplexity of the adapted and the "
              "pre-trained model (paper Table 13)")
     perplexity_stride: int = option(512, family=GENERATION, help="sliding-window stride of the perplexity")
+    perplexity_max_tokens: int | None = option(
+        family=GENERATION,
+        help="score only the first N tokens of the perplexity corpus (e.g. 100000 of wiki-summaries' 1.07M); "
+             "None = all of it")
 
     def __post_init__(self) -> None:
         _check_finite(self, "eval")
@@ -549,6 +553,8 @@ class GenerationEvalConfig:
                 raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"eval.max_examples must be >= 1, got {self.max_examples}")
+        if self.perplexity_max_tokens is not None and self.perplexity_max_tokens < 2:
+            raise ConfigError(f"eval.perplexity_max_tokens must be >= 2, got {self.perplexity_max_tokens}")
 
 
 #: The sections of a RunConfig, in the order ``balora config`` lists them.
@@ -709,8 +715,9 @@ def _check_generation_data(config: RunConfig) -> None:
         for key in ("max_new_tokens", "batch_size", "max_examples"):
             if _is_set(e, key):
                 raise ConfigError(f"eval.{key} is read only with a benchmark: set eval.benchmark (gsm8k or math)")
-    if e.perplexity_corpus is None and _is_set(e, "perplexity_stride"):
-        raise ConfigError("eval.perplexity_stride is read only with eval.perplexity_corpus")
+    for key in ("perplexity_stride", "perplexity_max_tokens"):
+        if e.perplexity_corpus is None and _is_set(e, key):
+            raise ConfigError(f"eval.{key} is read only with eval.perplexity_corpus")
 
 
 # --------------------------------------------------------------------------- listing

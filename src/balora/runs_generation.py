@@ -174,7 +174,7 @@ class GenerationRun:
             metrics.update({VALIDATION_PREFIX + k: v for k, v in scores.items()})
         if e.perplexity_corpus is not None:
             result = eval_perplexity(model, tokenizer, corpus=e.perplexity_corpus, stride=e.perplexity_stride,
-                                     teacher=teacher, progress=self.progress)
+                                     max_tokens=e.perplexity_max_tokens, teacher=teacher, progress=self.progress)
             metrics.update({k if k.startswith(("perplexity", "pretrained")) else f"perplexity_{k}": v
                             for k, v in result.items()})
         return metrics

@@ -86,6 +86,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="grimm-tales", metavar="NAME",
                    help="perplexity corpus: grimm-tales (offline), wikitext-2, or a .txt file/folder")
     p.add_argument("--stride", type=int, default=512, metavar="N", help="perplexity window stride (default 512)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="perplexity: score only the first N tokens of the corpus (default: all)")
     p.add_argument("--output-dir", default="runs", help="where the new result directory goes (default runs)")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="mt-bench: continue the unfinished run in OUT_DIR (its saved answers.jsonl and "
@@ -119,7 +121,7 @@ def evaluate_options(args: argparse.Namespace) -> dict[str, Any]:
             if args.corpus not in (None, "grimm-tales") and args.corpus != args.data:
                 raise ValueError("give the perplexity corpus once: --corpus or --data, not both")
             corpus = args.data
-        return dict(corpus=corpus, stride=args.stride, progress=progress)
+        return dict(corpus=corpus, stride=args.stride, max_tokens=args.max_tokens, progress=progress)
     return dict(judge=args.judge, judge_model=args.judge_model, base_url=args.judge_url, path=args.data,
                 max_questions=args.max_examples, progress=progress, **tokens)
 
@@ -152,10 +154,10 @@ def _flag(name: str) -> str:
 def validate_args(args: argparse.Namespace) -> None:
     """Check the flags before anything is loaded or created: a one-line ``ValueError`` (or
     ``FileNotFoundError`` for ``--data``) naming the flag."""
-    for name in ("max_examples", "max_new_tokens", "batch_size", "samples", "stride"):
+    for name in ("max_examples", "max_new_tokens", "batch_size", "samples", "stride", "max_tokens"):
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"{_flag(name)} must be an integer >= 1, got {value}")
+        if value is not None and value < (2 if name == "max_tokens" else 1):
+            raise ValueError(f"{_flag(name)} must be an integer >= {2 if name == 'max_tokens' else 1}, got {value}")
     for name in ("timeout", "temperature"):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and value > 0):

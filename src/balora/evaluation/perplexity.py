@@ -159,17 +159,22 @@ def sliding_window_perplexity(
     max_length: int | None = None,
     stride: int = 512,
     batch_size: int = 1,
+    max_tokens: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``texts`` (joined with ``"\\n\\n"``) with overlapping windows (see the module doc).
 
     ``max_length`` defaults to ``min(model context, 1024)``; ``stride`` must not exceed it (the
     guide uses ``stride = max_length // 2``). ``batch_size`` windows go through the model at once.
+    ``max_tokens``: score only the first N tokens of the joined text (None: all).
     """
     if max_length is None:
         max_length = min(_model_context(model) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
     _check_args(max_length, stride, batch_size)
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
     ids = tokenizer(_join(texts), return_tensors="pt", verbose=False)["input_ids"][0]  # [N]
+    ids = ids[:max_tokens] if max_tokens is not None else ids
     if len(ids) < 2:
         raise ValueError(f"the text has {len(ids)} token(s); perplexity needs at least 2")
     spans = window_spans(len(ids), max_length, stride)
@@ -274,6 +279,7 @@ def eval_perplexity(
     *,
     max_length: int | None = None,
     batch_size: int = 1,
+    max_tokens: int | None = None,
     teacher=None,
     pretrained=None,
     progress: bool = True,
@@ -283,7 +289,8 @@ def eval_perplexity(
 
     The pre-trained model is ``pretrained`` when given (e.g. the base of a fully fine-tuned
     model), else :func:`pretrained_view` of ``model`` and ``teacher``; a plain model without
-    adapter or teacher is its own pre-trained model and is measured once. Returns
+    adapter or teacher is its own pre-trained model and is measured once; ``max_tokens`` scores
+    the first N tokens of the corpus only. Returns
     ``{"corpus", "perplexity", "nll", "tokens", "windows", "pretrained_perplexity",
     "pretrained_nll", "stride", "max_length"}``; the records (written to ``records_path`` when
     given) are one row per model.
@@ -291,7 +298,8 @@ def eval_perplexity(
     from peft import PeftModel
 
     texts = load_perplexity_texts(corpus)
-    kwargs = dict(max_length=max_length, stride=stride, batch_size=batch_size, progress=progress)
+    kwargs = dict(max_length=max_length, stride=stride, batch_size=batch_size, max_tokens=max_tokens,
+                  progress=progress)
     adapted = sliding_window_perplexity(model, tokenizer, texts, **kwargs)
     if pretrained is not None:
         base = sliding_window_perplexity(pretrained, tokenizer, texts, **kwargs)

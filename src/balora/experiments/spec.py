@@ -147,6 +147,7 @@ class Cell:
     overrides: tuple[str, ...]
     config: RunConfig = field(compare=False, repr=False)
     config_hash: str = ""
+    method_axis: bool = True  # False: the spec has no grid.method (its variants may set the method)
 
     @property
     def group(self) -> tuple[str, str, str | None]:
@@ -155,8 +156,11 @@ class Cell:
 
     @property
     def row(self) -> str:
-        """The row label in report tables: the method, with the variant when there is one."""
-        return self.method if self.variant is None else f"{self.method} · {self.variant}"
+        """The row label in report tables: the method, with the variant when there is one; without a
+        method axis the variant alone (the variants then name what differs, the method included)."""
+        if self.variant is None:
+            return self.method
+        return f"{self.method} · {self.variant}" if self.method_axis else self.variant
 
     def axes(self) -> dict[str, Any]:
         return {"data": self.data, "method": self.method, "variant": self.variant,
@@ -403,7 +407,7 @@ class _Parser:
                 if key in reserved:
                     self.fail(f"{layer} sets {key}, which {reserved[key]} sets")
 
-        resolver = _Resolver(self, base)
+        resolver = _Resolver(self, base, method_axis)
         if data is None:
             probe = resolver.config(common, "base")
             data = {self.safe(Path(probe.data.task).stem if Path(probe.data.task).suffix else probe.data.task,
@@ -419,6 +423,10 @@ class _Parser:
                                   *([f"adapter.method={_yaml_value(method)}"] if method_axis else []),
                                   *(variants[variant] if variant else [])]
                         cells += resolver.cells(data_name, method, variant, seed, layers, select)
+        rows = list(dict.fromkeys(c.row for c in cells))
+        if report.baseline not in rows and not any(_same_method(c.method, report.baseline) for c in cells):
+            self.fail(f"report.baseline {report.baseline!r} is neither a row of the grid ({', '.join(rows)}) nor "
+                      "one of its methods")
         return ExperimentSpec(
             name=name, source=self.path, raw=dict(raw, base=base), description=str(raw.get("description") or ""),
             data=tuple(data), methods=tuple(methods), variants=tuple(variants) if variants else None,
@@ -508,8 +516,8 @@ class _Parser:
 class _Resolver:
     """Builds and validates cell configs with the project's loader."""
 
-    def __init__(self, parser: _Parser, base: dict):
-        self.parser, self.base = parser, base
+    def __init__(self, parser: _Parser, base: dict, method_axis: bool = True):
+        self.parser, self.base, self.method_axis = parser, base, method_axis
 
     def config(self, overrides: list[str], label: str) -> RunConfig:
         try:
@@ -543,14 +551,25 @@ class _Resolver:
         resolved = config.regularizers.resolved(config.family)
         return [f"regularizers.{k}={_yaml_value(scale * getattr(resolved, k))}" for k in LAMBDA_KEYS]
 
-    @staticmethod
-    def cell(stem: list[str], value: Any, seed: int, layers: list[str], config: RunConfig,
+    def cell(self, stem: list[str], value: Any, seed: int, layers: list[str], config: RunConfig,
              select: Selection | None) -> Cell:
         parts = [*stem, *([f"{select.short}={_format_value(value)}"] if value is not None else []), f"s{seed}"]
-        data, method = stem[0], stem[1]
-        variant = stem[2] if len(stem) > 2 else None
-        return Cell(id=SEPARATOR.join(parts), data=data, method=method, variant=variant, value=value, seed=seed,
-                    overrides=(*layers, f"train.seed={seed}"), config=config, config_hash=config_hash(config))
+        data, variant = stem[0], stem[2] if len(stem) > 2 else None
+        # the method is the cell's own (a variant may set it when there is no method axis); the id
+        # keeps the stem's, so ids stay stable
+        return Cell(id=SEPARATOR.join(parts), data=data, method=config.adapter.method, variant=variant, value=value,
+                    seed=seed, overrides=(*layers, f"train.seed={seed}"), config=config,
+                    config_hash=config_hash(config), method_axis=self.method_axis)
+
+
+def _same_method(a: str, b: str) -> bool:
+    """True when two method names are the same method (``balora`` and ``pissa+reg`` are)."""
+    from balora.methods import parse_method
+
+    try:
+        return parse_method(a).name == parse_method(b).name
+    except ValueError:
+        return a == b
 
 
 def _regularized(config: RunConfig) -> bool:
