@@ -136,7 +136,26 @@ def test_consistency_kinds_get_lambdas_that_equalise_their_pull(tiny_model_dir):
     assert shares["mse"] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("mode", ["scale", "shares"])
+def test_only_the_named_terms_are_calibrated(tiny_model_dir, mode):
+    """Ablation (b): λ1 alone gets the share; λ2 and λ3 keep their configured values."""
+    model, objective = _model_and_objective(tiny_model_dir)
+    result = calibrate_objective(model, objective, _batches(2), drift_batches=_batches(3, seed=1),
+                                 learning_rate=5e-3, mode=mode, target_share=0.2, terms=["consistency"])
+    assert result.proposed["diversity"] == result.configured["diversity"] == pytest.approx(0.03)
+    assert result.proposed["svd"] == result.configured["svd"] == pytest.approx(0.03)
+    shares = result.proposed_shares()
+    assert shares["consistency"] == pytest.approx(0.2)
+    assert shares["svd"] == pytest.approx(result.shares["svd"])  # measured, unchanged
+    both = calibrate_objective(model, objective, _batches(2), drift_batches=_batches(3, seed=1),
+                               learning_rate=5e-3, mode=mode, target_share=0.2, terms=["consistency", "svd"])
+    assert both.proposed["diversity"] == pytest.approx(0.03)
+    assert both.proposed_shares()["consistency"] + both.proposed_shares()["svd"] == pytest.approx(0.2)
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(terms=[]), "calibration terms must be among"),
+    (dict(terms=["entropy"]), "calibration terms must be among"),
     (dict(mode="median"), "calibration mode"),
     (dict(target_share=float("nan")), "target_share"),
     (dict(target_share=0), "target_share"),
@@ -215,6 +234,14 @@ def test_calibration_keys_without_lambdas_auto_are_refused():
 
     with pytest.raises(ConfigError, match="calibration_share"):
         load_config(None, ["adapter.method=balora", "regularizers.calibration_share=0.2"])
+    with pytest.raises(ConfigError, match="calibration_terms"):
+        load_config(None, ["adapter.method=balora", "regularizers.calibration_terms=[consistency]"])
+    auto = ["adapter.method=balora", "regularizers.lambdas=auto"]
+    assert load_config(None, [*auto, "regularizers.calibration_terms=[consistency]"]
+                       ).regularizers.calibration_terms == ["consistency"]
+    for bad in ("[]", "[entropy]", "[svd, svd]"):
+        with pytest.raises(ConfigError, match="regularizers.calibration_terms must name"):
+            load_config(None, [*auto, f"regularizers.calibration_terms={bad}"])
 
 
 def test_cli_prints_the_table_and_the_keys_to_set(tiny_model_dir, task_files, tmp_path, capsys):
@@ -230,3 +257,30 @@ def test_cli_prints_the_table_and_the_keys_to_set(tiny_model_dir, task_files, tm
     assert "| consistency |" in out and "regularizers.lambda_svd=" in out
     assert main(["calibrate", "adapter.method=balora", "--target-share", "-1"]) == 2
     assert "target_share" in capsys.readouterr().err
+
+
+def test_cli_terms_flag_reaches_the_calibration(monkeypatch, capsys):
+    import balora.calibrate as calibrate_module
+    from balora.cli import main
+
+    seen = {}
+
+    def fake(config, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(calibrate_module, "calibrate_run", fake)
+    assert main(["calibrate", "adapter.method=balora", "--terms", "consistency", "svd"]) == 2
+    assert seen["terms"] == ["consistency", "svd"]
+    assert "balora: error: stop here" in capsys.readouterr().err
+
+
+def test_a_closed_stdout_pipe_is_not_an_error(monkeypatch, capsys):
+    import balora.cli as cli
+
+    def closed(section):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "describe_config", closed)
+    assert cli.main(["config"]) == 1
+    assert "error" not in capsys.readouterr().err

@@ -38,6 +38,12 @@ by one of two modes:
   set the split of ρ, in gradient space instead of λ space). This is how the consistency-loss
   ablation gives every consistency kind a comparable pull.
 
+``terms`` (``regularizers.calibration_terms``, ``balora calibrate --terms``) limits the
+calibration to some terms: ρ is then the share of those terms together, distributed among them
+by the mode, and every other term keeps its configured λ (its share is measured and reported,
+not changed). The consistency-loss ablation calibrates λ1 alone, so that the consistency kinds
+differ in nothing but their loss and its weight.
+
 A term whose unit-λ gradient is below 10⁻⁶ of the task's (the consistency term without drift
 steps, an SVD term with k ≥ the rank of the logits) keeps its configured λ and is flagged.
 """
@@ -161,6 +167,7 @@ def calibrate_objective(
     learning_rate: float = 1e-4,
     mode: str = "scale",
     target_share: float = DEFAULT_TARGET_SHARE,
+    terms: Sequence[str] | None = None,
 ) -> Calibration:
     """Measure the gradient shares of ``objective``'s regularisers on ``model`` and propose λs.
 
@@ -171,15 +178,18 @@ def calibrate_objective(
         drift_batches: task-only AdamW steps taken first (one per batch), undone afterwards.
         learning_rate: the drift steps' learning rate (the run's).
         mode, target_share: see the module docstring.
+        terms: the terms to calibrate (see the module docstring); None: every term with λ > 0.
     """
     _check_options(mode, target_share, len(drift_batches))
+    if terms is not None and (not terms or any(t not in TERMS for t in terms)):
+        raise ValueError(f"calibration terms must be among {', '.join(TERMS)}, got {list(terms)}")
     if getattr(objective, "config", None) is None:
         raise ValueError("calibration needs a regularised method (a '+reg' method such as balora)")
     if not batches:
         raise ValueError("calibration needs at least one batch")
     configured = {t: float(getattr(objective.weights, t)) for t in TERMS}
-    terms = [t for t in TERMS if configured[t] > 0]
-    if not terms:
+    active = [t for t in TERMS if configured[t] > 0]
+    if not active:
         raise ValueError("every λ is 0: nothing to calibrate")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -200,14 +210,14 @@ def calibrate_objective(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             del optimizer
-        task_norms, term_norms = [], {t: [] for t in terms}
+        task_norms, term_norms = [], {t: [] for t in active}
         for batch in batches:
             objective.weights = LambdaWeights()
             rng = torch.random.get_rng_state()  # the same dropout masks for every pass over a batch
             loss, _ = objective(model, batch)
             g_task = _grad_norm(loss, params)
             task_norms.append(_norm(g_task))
-            for t in terms:
+            for t in active:
                 term_norms[t].append(_term_norm(model, objective, batch, t, params, g_task, task_norms[-1], rng))
     finally:
         objective.weights = saved_weights
@@ -221,10 +231,13 @@ def calibrate_objective(
     if not task_norm > 0:
         raise ValueError("the task loss has no gradient on the calibration batches")
     norms = {t: sum(v) / len(v) for t, v in term_norms.items()}
-    flat = [t for t in terms if norms[t] < _FLAT * task_norm]
-    shares = {t: configured[t] * norms[t] / task_norm for t in terms}
-    live = [t for t in terms if t not in flat]
-    proposed = {t: configured[t] for t in terms}
+    flat = [t for t in active if norms[t] < _FLAT * task_norm]
+    shares = {t: configured[t] * norms[t] / task_norm for t in active}
+    chosen = list(active) if terms is None else [t for t in active if t in terms]
+    if not chosen:
+        raise ValueError(f"none of the calibration terms {list(terms)} has a λ > 0")
+    live = [t for t in chosen if t not in flat]
+    proposed = {t: configured[t] for t in active}
     if live and mode == "scale":
         factor = target_share / sum(shares[t] for t in live)
         proposed.update({t: configured[t] * factor for t in live})
@@ -234,7 +247,7 @@ def calibrate_objective(
     if flat:
         logger.warning("calibration: %s has no gradient on these batches; its λ is kept", ", ".join(flat))
     return Calibration(task_grad_norm=task_norm, term_grad_norms=norms,
-                       configured={t: configured[t] for t in terms}, shares=shares, proposed=proposed,
+                       configured={t: configured[t] for t in active}, shares=shares, proposed=proposed,
                        mode=mode, target_share=float(target_share), drift_steps=len(drift_batches),
                        batches=len(batches), flat=flat)
 
@@ -271,10 +284,11 @@ def calibrate_for_run(config, model: nn.Module, objective, family):
     data = _run_batches(config, family, AUTO_DRIFT_STEPS + AUTO_BATCHES)
     result = calibrate_objective(model, objective, data[AUTO_DRIFT_STEPS:], drift_batches=data[:AUTO_DRIFT_STEPS],
                                  learning_rate=config.train.learning_rate, mode=r.calibration_mode,
-                                 target_share=r.calibration_share)
+                                 target_share=r.calibration_share, terms=r.calibration_terms)
     fixed = {f"lambda_{t}": result.proposed.get(t, 0.0) for t in TERMS}
     objective.weights = dataclasses.replace(objective.weights, **{t: fixed[f"lambda_{t}"] for t in TERMS})
-    regularizers = dataclasses.replace(r, lambdas="fixed", calibration_mode="scale", calibration_share=0.1, **fixed)
+    regularizers = dataclasses.replace(r, lambdas="fixed", calibration_mode="scale", calibration_share=0.1,
+                                       calibration_terms=None, **fixed)
     logger.info("calibrated λs (%s, share %.3g): %s", r.calibration_mode, r.calibration_share,
                 ", ".join(f"{k}={v:.4g}" for k, v in fixed.items()))
     return dataclasses.replace(config, regularizers=regularizers), result
@@ -287,6 +301,7 @@ def calibrate_run(
     drift_steps: int = 10,
     mode: str = "scale",
     target_share: float = DEFAULT_TARGET_SHARE,
+    terms: Sequence[str] | None = None,
     progress: bool = False,
 ) -> Calibration:
     """Calibrate the λs of a run configuration (``RunConfig``) on its own model, adapter and data.
@@ -312,4 +327,5 @@ def calibrate_run(
     objective = build_objective(config, model, num_labels=family.num_labels)
     data = _run_batches(config, family, drift_steps + batches)
     return calibrate_objective(model, objective, data[drift_steps:], drift_batches=data[:drift_steps],
-                               learning_rate=config.train.learning_rate, mode=mode, target_share=target_share)
+                               learning_rate=config.train.learning_rate, mode=mode, target_share=target_share,
+                               terms=terms)

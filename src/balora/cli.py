@@ -1,9 +1,9 @@
 """Command line: ``balora train CONFIG.yaml [key=value ...]``, ``balora demo``, ``balora evaluate``,
 ``balora predict RUN_OR_ADAPTER [TEXT ...]``, ``balora experiment run|report SPEC``,
-``balora calibrate CONFIG`` and ``balora config [SECTION]``.
+``balora calibrate CONFIG``, ``balora merge ADAPTER... --out DIR`` and ``balora config [SECTION]``.
 
-A thin layer over balora.runs, balora.demo, balora.evaluation, balora.predict, balora.experiments
-and balora.config. User mistakes
+A thin layer over balora.runs, balora.demo, balora.evaluation, balora.predict, balora.experiments,
+balora.merging and balora.config. User mistakes
 (a bad config value, a missing file, an asset that is not installed) end in one clear line on
 stderr and exit code 2; ``--debug`` shows the traceback instead.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from balora.assets import AssetNotInstalled
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_experiment_parser(sub)
     _add_calibrate_parser(sub)
+    _add_merge_parser(sub)
 
     config = sub.add_parser(
         "config", help="list every run-config key with its type, default and help",
@@ -77,6 +79,9 @@ def _add_calibrate_parser(sub) -> None:
                         help="scale: one factor on the configured λs (keeps their ratios); shares: one λ per term")
     parser.add_argument("--target-share", type=float, default=DEFAULT_TARGET_SHARE, metavar="RHO",
                         help=f"regularisers' gradient norm / task loss's (default {DEFAULT_TARGET_SHARE})")
+    parser.add_argument("--terms", nargs="+", choices=("consistency", "diversity", "svd"), metavar="TERM",
+                        help="calibrate only these terms (consistency, diversity, svd); the others keep their λ "
+                             "(default: every term with λ > 0)")
     parser.add_argument("--batches", type=int, default=4, metavar="N", help="measured batches (default 4)")
     parser.add_argument("--drift-steps", type=int, default=10, metavar="N",
                         help="task-only steps first, undone afterwards (default 10; at step 0 the consistency "
@@ -94,7 +99,7 @@ def _calibrate(args) -> int:
         args.config = None
     config = load_config(args.config, args.overrides)
     result = calibrate_run(config, batches=args.batches, drift_steps=args.drift_steps, mode=args.mode,
-                           target_share=args.target_share)
+                           target_share=args.target_share, terms=args.terms)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -102,6 +107,55 @@ def _calibrate(args) -> int:
           f"(mode {result.mode}, target share {result.target_share:g}):\n")
     print(result.table())
     print("\nset: " + " ".join(f"regularizers.lambda_{t}={v:.4g}" for t, v in result.proposed.items()))
+    return 0
+
+
+def _add_merge_parser(sub) -> None:
+    from balora.merging import MERGE_FUNCTIONS, METHODS, RETAIN_BY
+
+    parser = sub.add_parser(
+        "merge", help="merge task adapters into one (I-LoRA iterative merging, or a PEFT baseline)",
+        description="Merge LoRA adapters trained on one base model (run directories of `balora train` or PEFT "
+                    "adapter directories). iterative (I-LoRA): every update ΔW = s·B·A keeps a proportion ρ of its "
+                    "singular values, the truncated updates are merged pairwise (max: element by element the entry "
+                    "of larger magnitude), and the merge is refactored into a LoRA adapter by SVD. Classifiers give "
+                    "one adapter per task, DIR/<task> (the merged backbone with that task's own head); a causal LM "
+                    "gives DIR. DIR/merge.json records the inputs, the options and the rank of every layer.",
+        epilog="Example: `balora merge runs/<run-a> runs/<run-b> --retain 0.8 --out merged`, then "
+               "`balora predict merged/<task-a> TEXT`.",
+    )
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                        help="run directory or PEFT adapter directory (2 or more)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) folder; never overwritten")
+    parser.add_argument("--method", choices=METHODS, default="iterative",
+                        help="iterative (I-LoRA, default) or a PEFT add_weighted_adapter baseline")
+    parser.add_argument("--retain", type=float, metavar="RHO",
+                        help="iterative: proportion of singular values kept, in (0, 1] (default 0.8)")
+    parser.add_argument("--retain-by", choices=RETAIN_BY,
+                        help="iterative: rank (keep ceil(RHO x rank) components, default) or energy (the fewest "
+                             "components holding RHO of the squared singular values)")
+    parser.add_argument("--merge-fn", choices=MERGE_FUNCTIONS,
+                        help="iterative: max (entry of larger magnitude, default), mean (over the adapters) or sum")
+    parser.add_argument("--rank", type=int, metavar="R",
+                        help="iterative: merged rank of every layer (default the sum of the truncated ranks, at "
+                             "most min(out, in)); svd: the output rank (default the largest input rank)")
+    parser.add_argument("--density", type=float, metavar="D",
+                        help="ties, dare_ties (required): fraction of entries kept, in (0, 1]")
+    parser.add_argument("--weight", type=float, metavar="W", help="PEFT methods: every adapter's weight (default 1.0)")
+    parser.add_argument("--seed", type=int, metavar="N", help="dare_ties: seed of the random drop (default 0)")
+
+
+def _merge(args) -> int:
+    from balora.merging import MERGE_FILE, merge_adapters
+
+    result = merge_adapters(args.adapters, args.out, method=args.method, retain=args.retain, retain_by=args.retain_by,
+                            merge_fn=args.merge_fn, rank=args.rank, density=args.density, weight=args.weight,
+                            seed=args.seed)
+    print(f"merged {len(args.adapters)} adapters ({args.method}) into {result.out_dir}")
+    if any(folder != result.out_dir for folder in result.adapters.values()):
+        for task, folder in result.adapters.items():
+            print(f"  {task}: {folder}")
+    print(f"record: {result.out_dir / MERGE_FILE}")
     return 0
 
 
@@ -248,7 +302,15 @@ def main(argv: list[str] | None = None) -> int:
             return _experiment(args)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "merge":
+            return _merge(args)
         return _train(args) if args.command == "train" else _demo(args)
+    except BrokenPipeError:  # the reader of stdout went away (`balora ... | head`): stop quietly
+        try:  # Python would report the failed flush of stdout at exit otherwise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor
+            pass
+        return 1
     except USER_ERRORS as err:
         if args.debug:
             raise

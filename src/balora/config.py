@@ -176,6 +176,9 @@ class RegularizerConfig:
     calibration_share: float = option(
         0.1, help="lambdas=auto: gradient norm of the regularisers together, as a fraction of the task "
                   "loss's")
+    calibration_terms: list[str] | None = option(
+        help="lambdas=auto: the terms whose λ is calibrated (consistency, diversity, svd), e.g. [consistency] "
+             "to give only λ1 the share and keep λ2, λ3 as set; None = every term with λ > 0")
 
     def __post_init__(self) -> None:
         _check_finite(self, "regularizers")
@@ -200,6 +203,11 @@ class RegularizerConfig:
         _choice(self.calibration_mode, "regularizers.calibration_mode", ("scale", "shares"))
         if self.calibration_share <= 0:
             raise ConfigError(f"regularizers.calibration_share must be > 0, got {self.calibration_share}")
+        if self.calibration_terms is not None:
+            unknown = [t for t in self.calibration_terms if t not in ("consistency", "diversity", "svd")]
+            if not self.calibration_terms or unknown or len(set(self.calibration_terms)) != len(self.calibration_terms):
+                raise ConfigError("regularizers.calibration_terms must name consistency, diversity and/or svd, "
+                                  f"each once, got {self.calibration_terms}")
         for name in ("svd_oversample", "svd_niter"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"regularizers.{name} must be >= 0, got {getattr(self, name)}")
@@ -631,6 +639,7 @@ _REGULARIZER_USES: dict[str, tuple[Callable[[RegularizerConfig], bool], str]] = 
     "svd_k": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
     "calibration_mode": (lambda r: r.lambdas == "auto", "lambdas=auto"),
     "calibration_share": (lambda r: r.lambdas == "auto", "lambdas=auto"),
+    "calibration_terms": (lambda r: r.lambdas == "auto", "lambdas=auto"),
     "svd_normalize": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
     "svd_k_policy": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),
     "svd_solver": (lambda r: r.lambda_svd > 0, "lambda_svd > 0"),

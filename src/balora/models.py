@@ -57,12 +57,15 @@ __all__ = [
     "DEFAULT_MODEL",
     "ModelLoadError",
     "ModelSource",
+    "first_line",
     "load_causal_lm",
     "load_model_for_eval",
     "load_sequence_classifier",
     "load_source",
     "load_tokenizer",
+    "read_json",
     "resolve_model_source",
+    "transformers_quiet",
 ]
 
 logger = logging.getLogger("balora")
@@ -80,7 +83,7 @@ class ModelLoadError(RuntimeError):
 # ----------------------------------------------------------------------------- pre-trained models
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     """The first line of an error message (library errors carry long multi-line details)."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
@@ -241,7 +244,7 @@ def _load_gguf(folder: str, gguf_file: str):
 
 
 def _explain(name: str, path: str, err: Exception) -> str:
-    first = _first_line(err)
+    first = first_line(err)
     if path == name:
         return (
             f"could not load model {name!r}: {first}. Use a local directory, a hub id with the "
@@ -275,12 +278,12 @@ class ModelSource:
     max_length: int | None = None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     """The JSON object in ``path``; a one-line ValueError when it cannot be read."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {_first_line(err)}") from None
+        raise ValueError(f"cannot read {path}: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"cannot read {path}: it holds no JSON object")
     return data
@@ -304,13 +307,13 @@ def _tokenizer_dir(folder: Path) -> Path | None:
 
 def _adapter_family(folder: Path) -> str:
     """CLASSIFICATION for a PEFT adapter of task type ``SEQ_CLS``, else GENERATION."""
-    task_type = _read_json(folder / ADAPTER_CONFIG).get("task_type")
+    task_type = read_json(folder / ADAPTER_CONFIG).get("task_type")
     return CLASSIFICATION if task_type == "SEQ_CLS" else GENERATION
 
 
 def _saved_model_family(folder: Path) -> str:
     """CLASSIFICATION for a saved ``*ForSequenceClassification`` model, else GENERATION."""
-    architectures = _read_json(folder / MODEL_CONFIG).get("architectures") or []
+    architectures = read_json(folder / MODEL_CONFIG).get("architectures") or []
     classifier = any(str(name).endswith("ForSequenceClassification") for name in architectures)
     return CLASSIFICATION if classifier else GENERATION
 
@@ -324,7 +327,7 @@ def _check_family(folder: Path, what: str, found: str, wanted: str | None) -> No
 
 def _adapter_base(folder: Path) -> str:
     """The ``base_model_name_or_path`` of a PEFT adapter (for ``--model`` left out)."""
-    base = _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+    base = read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{folder}: the adapter does not name its base model; pass --model")
     return str(base)
@@ -401,7 +404,7 @@ def _adapter_labels(folder: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{folder} has no {MODEL_CONFIG} with the adapter's labels (id2label); "
                          "save classification adapters with balora.save_final")
-    config = _read_json(path)
+    config = read_json(path)
     try:
         names = {int(i): str(name) for i, name in config["id2label"].items()}
     except (KeyError, AttributeError, TypeError, ValueError):
@@ -420,13 +423,13 @@ def _load_full_model(folder: Path, family: str) -> PreTrainedModel:
     try:
         return _AUTO_CLASSES[family].from_pretrained(str(folder), dtype=torch.float32)
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load the fine-tuned model in {folder}: {_first_line(err)}") from None
+        raise ValueError(f"cannot load the fine-tuned model in {folder}: {first_line(err)}") from None
 
 
 def _mismatch_line(err: Exception) -> str:
     """The informative line of a state-dict error (the first ``size mismatch``), else its first line."""
     lines = [line.strip() for line in str(err).splitlines()]
-    return next((line for line in lines if line.startswith("size mismatch")), _first_line(err))
+    return next((line for line in lines if line.startswith("size mismatch")), first_line(err))
 
 
 def _attach_adapter(model: PreTrainedModel, folder: Path):
@@ -440,7 +443,7 @@ def _attach_adapter(model: PreTrainedModel, folder: Path):
 
 
 @contextlib.contextmanager
-def _transformers_quiet() -> Iterator[None]:
+def transformers_quiet() -> Iterator[None]:
     """transformers' warnings off inside (errors still show)."""
     from transformers.utils import logging as hf_logging
 
@@ -465,7 +468,7 @@ def load_source(source: ModelSource):
     if source.full_model_dir is not None:
         model = _load_full_model(source.full_model_dir, source.family)
     elif source.family == CLASSIFICATION:
-        with _transformers_quiet():  # its "classifier MISSING" report: the adapter brings the trained head
+        with transformers_quiet():  # its "classifier MISSING" report: the adapter brings the trained head
             model = load_sequence_classifier(source.base, **_adapter_labels(source.adapter_dir))
         model = _attach_adapter(model, source.adapter_dir)
     else:
