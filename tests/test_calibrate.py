@@ -187,6 +187,25 @@ def test_calibrate_a_classification_run_config(tiny_model_dir, task_files, tmp_p
     assert set(result.proposed) == {"consistency", "diversity", "svd"}
     assert all(math.isfinite(v) and v > 0 for v in result.proposed.values())
     assert not (tmp_path / "runs").exists()  # nothing written
+    # a routing config is calibrated on its task objective alone: the same proposal
+    routed = load_config(None, [*config_overrides(config), "routing.general_data=grimm-tales",
+                                "routing.epsilon_l2=0.1"])
+    assert calibrate_run(routed, batches=2, drift_steps=2).proposed == pytest.approx(result.proposed)
+
+
+def config_overrides(config) -> list[str]:
+    """``key=value`` overrides that rebuild ``config`` (its non-default leaves)."""
+    import json
+
+    from balora.config import RunConfig
+
+    default, out = RunConfig().to_dict(), []
+    for section, values in config.to_dict().items():
+        if isinstance(values, dict):
+            out += [f"{section}.{k}={json.dumps(v)}" for k, v in values.items() if default[section].get(k) != v]
+        elif default.get(section) != values:
+            out.append(f"{section}={json.dumps(values)}")
+    return out
 
 
 def test_calibrate_a_generation_run_config(tiny_causal_lm_dir, tmp_path):

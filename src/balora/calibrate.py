@@ -324,7 +324,9 @@ def calibrate_run(
     family = FAMILIES[config.family](config, progress)
     model, _ = family.load()
     model = apply_method(model, copy.deepcopy(config.adapter))
-    objective = build_objective(config, model, num_labels=family.num_labels)
+    # the λs are weighed against the task loss alone (as in a run): routing's general terms stay out
+    plain = dataclasses.replace(config, routing=type(config.routing)())
+    objective = build_objective(plain, model, num_labels=family.num_labels)
     data = _run_batches(config, family, drift_steps + batches)
     return calibrate_objective(model, objective, data[drift_steps:], drift_batches=data[:drift_steps],
                                learning_rate=config.train.learning_rate, mode=mode, target_share=target_share,

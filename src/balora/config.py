@@ -565,8 +565,62 @@ class GenerationEvalConfig:
             raise ConfigError(f"eval.perplexity_max_tokens must be >= 2, got {self.perplexity_max_tokens}")
 
 
+#: Suffixes of the local files routing.general_data may name.
+GENERAL_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+@dataclass
+class RoutingConfig:
+    """I-LoRA routing tuning: a KL to the pre-trained model and the LoRA outputs' L2 on general data.
+
+    Off unless ``general_data`` is set; then the loss of every task batch gets
+    ε_kl·KL(p_base ‖ p_adapted) + ε_l2·‖s·B·A·x‖² on ``general_ratio`` batches of general data
+    (:mod:`balora.objectives.routing`). Neither ε comes from a publication (the method's reviews
+    give no values): the defaults of 1 are unit weights, not tuned.
+    """
+
+    general_data: str | None = option(
+        help="general (non-task) data of the routing terms: a text corpus (grimm-tales, grimm-tales-selected, "
+             "book-excerpts, wiki-summaries; e.g. grimm-tales offline), a classification task (its training "
+             "texts) or a local .txt file / .jsonl file (a 'text' field per line); None = routing tuning off")
+    epsilon_kl: float = option(
+        1.0, help="ε_kl, weight of KL(p_base ‖ p_adapted) at temperature 1 on the general batches (classifier: "
+                  "over the head's classes per example; causal LM: over the vocabulary per non-pad token); "
+                  "0 = the KL ablation; default 1, a unit weight (no published value, not tuned)")
+    epsilon_l2: float = option(
+        1.0, help="ε_l2, weight of the squared norm of every adapted layer's LoRA output s·B·A·x on the "
+                  "general batches (per token, averaged over the non-pad tokens, summed over the layers); "
+                  "0 = the symmetric ablation; default 1, a unit weight (no published value, not tuned)")
+    general_ratio: int = option(
+        1, help="general batches per task batch (an integer >= 1); the routing terms are averaged over them")
+    general_batch_size: int | None = option(help="examples per general batch; None = train.batch_size")
+    general_max_length: int | None = option(
+        help="tokens per general example (a longer text is cut into several examples); None = model.max_length")
+    general_max_examples: int | None = option(
+        help="keep a seeded random subset of N general texts (before they are cut); None = all")
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "routing")
+        if self.general_data is not None and not self.general_data.strip():
+            raise ConfigError("routing.general_data is empty; name a corpus, a task or a file (or leave it unset)")
+        for name in ("epsilon_kl", "epsilon_l2"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"routing.{name} must be >= 0, got {getattr(self, name)}")
+        if self.general_ratio < 1:
+            raise ConfigError(f"routing.general_ratio must be >= 1, got {self.general_ratio}")
+        for name, least in (("general_batch_size", 1), ("general_max_length", 8), ("general_max_examples", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ConfigError(f"routing.{name} must be >= {least}, got {value}")
+        if self.general_data is None:
+            changed = [f.name for f in dataclasses.fields(self) if _is_set(self, f.name)]
+            if changed:
+                raise ConfigError(f"routing.{changed[0]} is read only with routing.general_data "
+                                  "(routing tuning is off without it)")
+
+
 #: The sections of a RunConfig, in the order ``balora config`` lists them.
-SECTIONS = ("model", "adapter", "data", "regularizers", "train", "eval")
+SECTIONS = ("model", "adapter", "data", "regularizers", "train", "eval", "routing")
 
 
 @dataclass
@@ -582,6 +636,7 @@ class RunConfig:
     regularizers: RegularizerConfig = option(factory=RegularizerConfig, help="the BA-LoRA regularisers")
     train: TrainConfig = option(factory=TrainConfig, help="optimisation")
     eval: GenerationEvalConfig = option(factory=GenerationEvalConfig, help="evaluation of a generation run")
+    routing: RoutingConfig = option(factory=RoutingConfig, help="I-LoRA routing tuning on general data")
 
     def __post_init__(self) -> None:
         _choice(self.family, "family", TASK_FAMILIES)
@@ -589,6 +644,7 @@ class RunConfig:
         _check_regularizers(self)
         _check_adapter(self.adapter)
         _check_train(self.train)
+        _check_routing(self)
         if self.family == GENERATION:
             _check_generation_data(self)
         else:
@@ -686,6 +742,46 @@ def _check_adapter(adapter: AdapterConfig) -> None:
 def _check_train(train: TrainConfig) -> None:
     if train.max_steps > 0 and _is_set(train, "epochs"):
         raise ConfigError("train.epochs is ignored when train.max_steps > 0: set only one of them")
+
+
+def _training_source(name: str) -> str:
+    """The data a task name trains on: the first task of a transfer pair ``<A>-to-<B>``, else the name."""
+    from balora.data.packaged import parse_transfer_name  # local import: the data layer is heavy
+
+    pair = parse_transfer_name(name)
+    return (pair[0] if pair else name).lower()
+
+
+def _check_routing(config: RunConfig) -> None:
+    """routing.general_data names known data that is not the task's; ε_l2 needs plain LoRA layers."""
+    r = config.routing
+    if r.general_data is None:
+        return
+    from balora.data import is_classification_task  # local import: the data layer is heavy
+    from balora.data.texts import TEXT_CORPORA
+
+    source = r.general_data
+    is_file = "\0" not in source and Path(source).suffix.lower() in GENERAL_FILE_SUFFIXES
+    if source not in TEXT_CORPORA and not is_classification_task(source) and not is_file:
+        raise ConfigError(f"routing.general_data={_shown(source)}: not a text corpus ({', '.join(TEXT_CORPORA)}), "
+                          "a classification task or a .txt / .jsonl file")
+    d = config.data
+    if is_file:
+        where = Path(source).expanduser().resolve()
+        same = any(f is not None and "\0" not in f and Path(f).expanduser().resolve() == where
+                   for f in (d.train_file, d.task))
+    else:
+        same = _training_source(source) == _training_source(d.task)
+    if same:
+        raise ConfigError(f"routing.general_data={_shown(source)} is the training data itself; general data must be "
+                          "other text (e.g. grimm-tales)")
+    from balora.methods import parse_method  # local import, as in AdapterConfig
+
+    method = config.adapter.method
+    spec = parse_method(method)
+    if r.epsilon_l2 > 0 and (spec.full or spec.use_dora or spec.adalora):
+        raise ConfigError(f"routing.epsilon_l2 needs LoRA layers that add s·B·A·x; adapter.method={method} "
+                          "has none: set routing.epsilon_l2=0")
 
 
 def _generation_task_names() -> set[str]:

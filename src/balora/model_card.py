@@ -139,13 +139,25 @@ def _method_section(config: RunConfig, spec: MethodSpec, num_classes: int | None
         elif spec.mutates_base:
             rows.append(("saved as", f"plain LoRA of rank {2 * a.rank} (PEFT's conversion), for the ORIGINAL "
                                      "base model"))
-    text = "## Method and settings\n\n" + _table(("setting", "value"), rows)
+    text = "## Method and settings\n\n" + _table(("setting", "value"), rows) + _routing_text(config)
     if not spec.regularized:
-        return text + "\n\nNo regulariser: the task loss alone."
+        return text + ("\n\nNo BA-LoRA regulariser." if config.routing.general_data else
+                       "\n\nNo regulariser: the task loss alone.")
     r = config.regularizers.resolved(config.family)
     return (text + "\n\nBA-LoRA regularisers, L = L_task + λ1·L_CR + λ2·L_DR + λ3·L_SVD (resolved: the paper's "
             f"{config.family} defaults where the config left a value unset):\n\n"
             + _table(("setting", "value"), _regularizer_rows(r, config.family, num_classes)))
+
+
+def _routing_text(config: RunConfig) -> str:
+    """The I-LoRA routing terms of the loss, when ``routing.general_data`` is set ("" otherwise)."""
+    g = config.routing
+    if not g.general_data:
+        return ""
+    return ("\n\nI-LoRA routing tuning: every task batch also draws "
+            f"{g.general_ratio} batch(es) of general data (`{g.general_data}`), and the loss adds "
+            f"ε_kl·KL(p_base ‖ p_adapted) + ε_l2·‖s·B·A·x‖² on them, with ε_kl = {g.epsilon_kl}, "
+            f"ε_l2 = {g.epsilon_l2}.")
 
 
 def _init_text(spec: MethodSpec) -> str:

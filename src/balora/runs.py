@@ -3,10 +3,12 @@
 :func:`train_run` is what ``balora train`` and ``balora demo`` call. The skeleton is the same for
 classification and generation:
 
-    saved config (resume) -> seed -> data, model and tokenizer (family plug-in) -> method's adapter
-    (LoRA-GA and CorDA first estimate their init on ``adapter.init_examples`` training examples;
-    on resume, the saved initial adapter back into the model) -> objective (and its frozen
-    teacher) -> run directory, config.yaml and initial adapter -> TrainingArguments -> training
+    saved config (resume) -> seed -> data (and routing's general texts), model and tokenizer
+    (family plug-in) -> method's adapter (LoRA-GA and CorDA first estimate their init on
+    ``adapter.init_examples`` training examples; on resume, the saved initial adapter back into the
+    model) -> objective (and its frozen teacher; with ``routing.general_data`` the I-LoRA routing
+    objective around it, drawing batches of the general texts tokenised with the run's tokenizer)
+    -> run directory, config.yaml and initial adapter -> TrainingArguments -> training
     (TensorBoard, resume from the last checkpoint) -> adapter, tokenizer, log history, loss curve
     -> evaluation (family plug-in) -> model card -> metrics.json (the mark of a finished run)
 
@@ -55,6 +57,7 @@ from balora.methods import parse_method
 from balora.model_card import write_model_card
 from balora.objectives import build_objective
 from balora.objectives.classification import EXAMPLE_ID
+from balora.objectives.routing import general_batches, run_general_texts
 from balora.plots import plot_loss_curve
 from balora.runs_classification import ClassificationRun
 from balora.runs_generation import GenerationRun
@@ -225,6 +228,7 @@ def train_run(
     set_seed(config.train.seed)
 
     family = FAMILIES[config.family](config, progress)
+    general_texts = run_general_texts(config)  # routing.general_data (None when off): read before any model
     model, tokenizer = family.load()
     init_batches = _init_batches(config, family) if spec.needs_init_data else None  # LoRA-GA, CorDA
     model = apply_method(model, config.adapter, init_batches=init_batches)  # PEFT's task type follows the model
@@ -232,10 +236,13 @@ def train_run(
         restore_initial_adapter(model, out_dir)  # logs what it restored
     # the objective checks the model against the config (a head for the teacher cache, ...); it
     # reads the initial adapter without changing it, so a failure leaves no run directory behind
-    objective = build_objective(config, model, num_labels=family.num_labels)
+    general = None if general_texts is None else general_batches(config, tokenizer, general_texts)
+    objective = build_objective(config, model, num_labels=family.num_labels, general=general)
     calibration = None
     if spec.regularized and config.regularizers.lambdas == "auto":  # a resumed run's saved λs are fixed
-        config, calibration = calibrate_for_run(config, model, objective, family)
+        # the λs are weighed against the task loss alone: a routing objective's general terms stay out
+        task_objective = getattr(objective, "task", objective)
+        config, calibration = calibrate_for_run(config, model, task_objective, family)
     teacher = objective.teacher
     if teacher is None and family.needs_pretrained_view:
         teacher = SnapshotTeacher(model)  # the pre-trained model, for evaluation only
