@@ -424,7 +424,8 @@ class _Parser:
                                   *(variants[variant] if variant else [])]
                         cells += resolver.cells(data_name, method, variant, seed, layers, select)
         rows = list(dict.fromkeys(c.row for c in cells))
-        if report.baseline not in rows and not any(_same_method(c.method, report.baseline) for c in cells):
+        named = isinstance(raw.get("report"), dict) and "baseline" in raw["report"]  # the default may be absent
+        if named and report.baseline not in rows and not any(_same_method(c.method, report.baseline) for c in cells):
             self.fail(f"report.baseline {report.baseline!r} is neither a row of the grid ({', '.join(rows)}) nor "
                       "one of its methods")
         return ExperimentSpec(
