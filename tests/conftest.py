@@ -80,8 +80,10 @@ def tiny_causal_lm_dir(smollm2_tokenizer_dir, tmp_path_factory):
     return str(path)
 
 
-def write_task_files(folder, n_train=48, n_eval=24, seed=0):
-    """Tiny 3-class CSV files whose label is predictable from the words."""
+def write_task_files(folder, n_train=48, n_eval=24, seed=0, words=None):
+    """Tiny CSV files whose label is predictable from the words: ``words`` maps each class name to
+    its words (default: the 3 classes of WORDS); row i has the i-th class, cyclically."""
+    words = WORDS if words is None else words
     rng = random.Random(seed)
     paths = []
     for split, n in (("train", n_train), ("eval", n_eval)):
@@ -90,10 +92,19 @@ def write_task_files(folder, n_train=48, n_eval=24, seed=0):
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             for i in range(n):
-                label = list(WORDS)[i % 3]
-                writer.writerow([" ".join(rng.choices(WORDS[label], k=6)), label])
+                label = list(words)[i % len(words)]
+                writer.writerow([" ".join(rng.choices(words[label], k=6)), label])
         paths.append(str(path))
     return paths
+
+
+def tiny_classifier_overrides(model_dir, out_dir, train_file, eval_file, max_length=16) -> list[str]:
+    """The overrides of a tiny balora classification run on local CSV files (rank 4 on query/value)."""
+    return [
+        f"output_dir={out_dir}", f"model.name={model_dir}", f"model.max_length={max_length}",
+        "data.task=files", f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+        "adapter.method=balora", "adapter.rank=4", "adapter.target_modules=[query,value]",
+    ]
 
 
 @pytest.fixture

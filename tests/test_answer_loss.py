@@ -1,4 +1,5 @@
-"""The teacher-forced loss of reference solutions against a naive per-row reference, and in a run."""
+"""The teacher-forced loss of reference solutions against a naive per-row reference (a run reports it:
+test_experiments.py::test_generation_run_reports_validation_metrics)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import datasets
 import pytest
 import torch
 
-from balora.config import load_config
 from balora.data.sft import encode_sft
 from balora.evaluation.answer_loss import answer_loss
 
@@ -56,19 +56,3 @@ def test_rows_beyond_max_length_are_dropped_and_counted(tiny_causal_lm_dir, one_
     model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir)
     short = answer_loss(model, tokenizer, ROWS, max_length=4)
     assert short["answer_rows_dropped"] == 3 and short["answer_tokens"] == 0 and math.isnan(short["answer_loss"])
-
-
-def test_a_generation_run_reports_the_answer_loss(tiny_causal_lm_dir, tmp_path, one_thread):
-    from balora.runs import train_run
-
-    config = load_config(None, [
-        "family=generation", f"output_dir={tmp_path}", f"model.name={tiny_causal_lm_dir}", "model.max_length=320",
-        "data.task=gsm-symbolic", "data.max_train_examples=8", "data.validation_fraction=0.1",
-        "adapter.method=lora", "adapter.rank=4", "adapter.target_modules=[q_proj,v_proj]", "train.max_steps=1",
-        "train.batch_size=2", "train.report_to=[]", "eval.max_examples=2", "eval.max_new_tokens=4",
-        "eval.batch_size=2"])
-    m = train_run(config, progress=False).metrics
-    for prefix in ("", "validation/"):
-        assert m[prefix + "answer_loss"] > 0 and math.isfinite(m[prefix + "answer_loss"])
-        assert m[prefix + "answer_perplexity"] == pytest.approx(math.exp(m[prefix + "answer_loss"]))
-    assert m["answer_tokens"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -391,7 +392,7 @@ def test_generation_run_reports_validation_metrics(tiny_causal_lm_dir, tmp_path,
     from balora.runs_generation import VALIDATION_PREDICTIONS_FILE
 
     config = load_config(None, [
-        "family=generation", f"output_dir={tmp_path}", f"model.name={tiny_causal_lm_dir}", "model.max_length=96",
+        "family=generation", f"output_dir={tmp_path}", f"model.name={tiny_causal_lm_dir}", "model.max_length=320",
         "data.task=gsm-symbolic", "data.max_train_examples=8", "data.validation_fraction=0.1",
         "adapter.method=lora", "adapter.rank=4", "adapter.target_modules=[q_proj,v_proj]", "train.max_steps=1",
         "train.batch_size=2", "train.report_to=[]", "eval.max_examples=2", "eval.max_new_tokens=4",
@@ -402,6 +403,10 @@ def test_generation_run_reports_validation_metrics(tiny_causal_lm_dir, tmp_path,
     held, kept = m["validation_templates"], m["train_templates"]
     assert held >= 1 and held == round(0.1 * (held + kept))  # 10% of the training templates
     assert (result.run_dir / VALIDATION_PREDICTIONS_FILE).is_file()
+    for prefix in ("", "validation/"):  # the loss of the reference solutions of the same problems
+        assert m[prefix + "answer_loss"] > 0 and math.isfinite(m[prefix + "answer_loss"])
+        assert m[prefix + "answer_perplexity"] == pytest.approx(math.exp(m[prefix + "answer_loss"]))
+    assert m["answer_tokens"] > 0
 
 
 def test_rows_without_a_method_axis_are_the_variants_and_the_baseline_must_exist():

@@ -3,12 +3,11 @@ a real run scored on two packaged sentiment sets, and the experiment store/repor
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 
 import datasets
 import pytest
+from conftest import tiny_classifier_overrides, write_task_files
 
 from balora.config import ConfigError, load_config
 from balora.data.classification import relabel
@@ -41,34 +40,20 @@ def test_relabel_maps_ids_by_class_name():
         relabel(split, ["x", "y", "z"], ["x", "y", "w"])
 
 
-def _sentiment_files(folder, n_train=40, n_eval=12, seed=0):
-    """Tiny CSVs with the packaged sentiment tasks' classes, POSITIVE listed first (so the file
-    task's class order differs from the packaged tasks' negative, positive and must be realigned)."""
-    rng = random.Random(seed)
-    words = {"positive": ["great", "wonderful", "loved", "superb"], "negative": ["awful", "boring", "hated", "bad"]}
-    paths = []
-    for split, n in (("train", n_train), ("eval", n_eval)):
-        path = folder / f"{split}.csv"
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            for i in range(n):
-                label = ("positive", "negative")[i % 2]
-                writer.writerow([" ".join(rng.choices(words[label], k=5)), label])
-        paths.append(str(path))
-    return paths
+#: POSITIVE listed first, so the file task's class order differs from the packaged tasks'
+#: (negative, positive) and must be realigned.
+SENTIMENT_WORDS = {"positive": ["great", "wonderful", "loved", "superb"],
+                   "negative": ["awful", "boring", "hated", "bad"]}
 
 
 def test_a_run_is_scored_on_every_ood_task(tiny_model_dir, tmp_path, one_thread):
     from balora.data import load_task
     from balora.runs import train_run
 
-    train_file, eval_file = _sentiment_files(tmp_path)
+    train_file, eval_file = write_task_files(tmp_path, n_train=40, n_eval=12, words=SENTIMENT_WORDS)
     overrides = [
-        f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}", "model.max_length=32",
-        "data.task=files", f"data.train_file={train_file}", f"data.eval_file={eval_file}",
+        *tiny_classifier_overrides(tiny_model_dir, tmp_path / "runs", train_file, eval_file, max_length=32),
         "data.max_eval_examples=20", "data.ood_tasks=[rotten-tomatoes, sst2-validation]",
-        "adapter.method=balora", "adapter.rank=4", "adapter.target_modules=[query,value]",
         "train.max_steps=2", "train.logging_steps=1", "train.batch_size=8", "train.report_to=[]",
     ]
     result = train_run(load_config(None, overrides), progress=False)

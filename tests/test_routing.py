@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_classifier_overrides
 from peft import TaskType
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -50,21 +51,21 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 # ---------------------------------------------------------------------------- models and batches
 
 
-def bert(model_dir, method="lora", seed=0):
-    """(adapted tiny BERT in eval mode, its pre-trained copy, tokenizer)."""
+def _adapted(model_dir, auto_class, targets, task_type, method, seed):
+    """(adapted tiny model in eval mode, its pre-trained copy, tokenizer)."""
     torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    base = auto_class.from_pretrained(model_dir)
     original = copy.deepcopy(base).eval()
-    model = apply_method(base, AdapterConfig(method=method, rank=4, target_modules=BERT_TARGETS), TaskType.SEQ_CLS)
+    model = apply_method(base, AdapterConfig(method=method, rank=4, target_modules=targets), task_type)
     return model.eval(), original, AutoTokenizer.from_pretrained(model_dir)
+
+
+def bert(model_dir, method="lora", seed=0):
+    return _adapted(model_dir, AutoModelForSequenceClassification, BERT_TARGETS, TaskType.SEQ_CLS, method, seed)
 
 
 def llama(model_dir, method="lora", seed=0):
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    original = copy.deepcopy(base).eval()
-    model = apply_method(base, AdapterConfig(method=method, rank=4, target_modules=LLAMA_TARGETS), TaskType.CAUSAL_LM)
-    return model.eval(), original, AutoTokenizer.from_pretrained(model_dir)
+    return _adapted(model_dir, AutoModelForCausalLM, LLAMA_TARGETS, TaskType.CAUSAL_LM, method, seed)
 
 
 def general_batch(tokenizer, family, max_length=11):
@@ -425,9 +426,7 @@ def test_build_objective_wraps_the_task_objective_with_its_teacher(tiny_model_di
 def test_classification_run_logs_every_routing_term(tiny_model_dir, task_files, tmp_path):
     train_file, eval_file = task_files
     config = load_config(None, [
-        f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}", "model.max_length=16",
-        "data.task=files", f"data.train_file={train_file}", f"data.eval_file={eval_file}",
-        "adapter.method=balora", "adapter.rank=4", "adapter.target_modules=[query,value]",
+        *tiny_classifier_overrides(tiny_model_dir, tmp_path / "runs", train_file, eval_file),
         "train.max_steps=3", "train.save_steps=10", "train.logging_steps=1", "train.batch_size=8",
         "train.report_to=[]", "train.learning_rate=1e-2",
         "routing.general_data=book-excerpts", "routing.general_max_examples=2", "routing.general_ratio=2",
