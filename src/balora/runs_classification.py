@@ -88,6 +88,15 @@ class ClassificationRun:
 
     def load(self):
         """``(sequence classifier, tokenizer)``; the task's data is loaded and tokenised first."""
+        tokenizer = self.load_data()
+        task = self.task
+        model = load_sequence_classifier(self.config.model.name, task.num_labels, task.label_names, task.problem_type)
+        return model, tokenizer
+
+    def load_data(self):
+        """Load and tokenise the task's splits (what :meth:`load` does before the model); returns
+        the tokenizer. After it: ``task``, ``train_set``, ``eval_set``, ``validation_set``,
+        ``ood_sets``, ``collator``, ``num_labels``, ``task_name``, ``facts``."""
         c, d = self.config, self.config.data
         carve = d.validation_fraction is not None  # carved before max_train_examples subsamples the rest
         task = load_task(
@@ -117,8 +126,7 @@ class ClassificationRun:
             self.facts["validation_examples"] = len(validation)
         for name, split in ood.items():
             self.facts[f"{OOD_PREFIX}{name}/eval_examples"] = len(split)
-        model = load_sequence_classifier(c.model.name, task.num_labels, task.label_names, task.problem_type)
-        return model, tokenizer
+        return tokenizer
 
     def _ood_tasks(self, task: TaskData) -> dict[str, datasets.Dataset]:
         """The evaluation split of every ``data.ood_tasks`` task, its labels renumbered to ``task``'s

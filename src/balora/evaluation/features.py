@@ -7,7 +7,8 @@
   :func:`balora.evaluation.classification.classification_metrics` (the one home of per-class
   recall and F1).
 * :func:`final_layer_features`: the first-token ([CLS]) vector of the last hidden layer of a
-  sequence classifier, the features the paper projects with t-SNE (B, "t-SNE Visualization").
+  sequence classifier, the features the paper projects with t-SNE (B, "t-SNE Visualization");
+  :func:`classifier_logits`: its logits, the same batched pass (scoring saved or merged adapters).
 * :func:`plot_tsne`: 2-D t-SNE (``sklearn.manifold.TSNE``, perplexity 30, seed 42) of such
   features, one panel per method, points coloured by class, saved as PNG.
 """
@@ -25,6 +26,7 @@ import torch
 __all__ = [
     "FEATURES_FILE",
     "TSNE_PERPLEXITY",
+    "classifier_logits",
     "TSNE_SEED",
     "final_layer_features",
     "imbalance_metrics",
@@ -87,13 +89,10 @@ def imbalance_metrics(logits: np.ndarray, labels: Sequence[int], label_names: Se
 
 
 @torch.no_grad()
-def final_layer_features(model, dataset, collator, batch_size: int = 64) -> np.ndarray:
-    """The last hidden layer's first-token vector ([CLS]) of every row of an encoded ``dataset``.
-
-    ``model``: a (PEFT-wrapped) sequence classifier; ``dataset``: rows with ``input_ids``,
-    ``attention_mask`` (and ``token_type_ids``), padded per batch by ``collator``.
-    Returns (N, d) float32 in the dataset's order, d = the model's hidden size.
-    """
+def _per_row(model, dataset, collator, batch_size: int, take) -> np.ndarray:
+    """``take(model outputs)`` (B, k) of every batch of an encoded ``dataset``, in order, in eval
+    mode: (N, k) float32. ``dataset``: rows with ``input_ids``, ``attention_mask`` (and
+    ``token_type_ids``), padded per batch by ``collator``."""
     inputs = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in dataset.column_names]
     device = next(model.parameters()).device
     was_training = model.training
@@ -103,11 +102,27 @@ def final_layer_features(model, dataset, collator, batch_size: int = 64) -> np.n
         for start in range(0, len(dataset), batch_size):
             rows = dataset.select(range(start, min(start + batch_size, len(dataset)))).select_columns(inputs)
             batch = {k: v.to(device) for k, v in collator(list(rows)).items() if k in inputs}
-            hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # (B, T, d)
-            chunks.append(hidden[:, 0].float().cpu().numpy())  # (B, d)
+            chunks.append(take(model, batch).float().cpu().numpy())  # (B, k)
     finally:
         model.train(was_training)
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+def final_layer_features(model, dataset, collator, batch_size: int = 64) -> np.ndarray:
+    """The last hidden layer's first-token vector ([CLS]) of every row of an encoded ``dataset``.
+
+    ``model``: a (PEFT-wrapped) sequence classifier; ``dataset``: rows with ``input_ids``,
+    ``attention_mask`` (and ``token_type_ids``), padded per batch by ``collator``.
+    Returns (N, d) float32 in the dataset's order, d = the model's hidden size.
+    """
+    return _per_row(model, dataset, collator, batch_size,
+                    lambda m, batch: m(**batch, output_hidden_states=True).hidden_states[-1][:, 0])  # (B, d)
+
+
+def classifier_logits(model, dataset, collator, batch_size: int = 64) -> np.ndarray:
+    """The logits (N, D) of a (PEFT-wrapped) sequence classifier for every row of an encoded
+    ``dataset`` (as in :func:`final_layer_features`), in order, in eval mode."""
+    return _per_row(model, dataset, collator, batch_size, lambda m, batch: m(**batch).logits)  # (B, D)
 
 
 def tsne_embedding(features: np.ndarray, perplexity: float = TSNE_PERPLEXITY, seed: int = TSNE_SEED) -> np.ndarray:

@@ -14,7 +14,8 @@ records and writes into ``<store>/report/`` (or ``out_dir``):
   ``cost.csv``, ``selection.csv`` (with ``select``) and ``cells.csv`` (every counted cell's
   value of every reported metric, the raw numbers behind the tables);
 * ``task_loss.png`` (training task loss per method, per data set) and ``metrics.png`` (bars with
-  the std over seeds as error bars).
+  the std over seeds as error bars);
+* with ``merge``, the merge stage's sections, tables and figures (:mod:`balora.experiments.merge_report`).
 
 An entry averages the FINISHED cells of its group only, and says so when it has fewer than
 planned (``(2/3)``); the cells left out are listed. The paired comparison of a row with the
@@ -25,11 +26,9 @@ the text says when the interval includes 0.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,16 +37,16 @@ import numpy as np
 
 from balora.experiments.convergence import SMOOTHING_WINDOW, STEPS_METRIC, common_threshold, steps_to_reach
 from balora.experiments.figures import plot_metric_bars, plot_sweep, plot_task_loss
+from balora.experiments.merge_report import merge_section
 from balora.experiments.selection import Choice, result_cells
 from balora.experiments.spec import Cell, ExperimentSpec, load_spec, lower_is_better
-from balora.experiments.stats import MIN_RELIABLE_PAIRS, PairedDifference, mean_std, paired_bootstrap
+from balora.experiments.tables import DASH, csv_value, fmt, markdown_table, write_csv
+from balora.experiments.stats import BOOTSTRAP_SEED, MIN_RELIABLE_PAIRS, PairedDifference, mean_std, paired_bootstrap
 from balora.experiments.store import (FAILED, FINISHED, OOD_MEAN, RUNNING, ExperimentStore, default_store,
                                       metric_split, record_metric)
 
 __all__ = ["Entry", "MetricTable", "Report", "build_report", "open_experiment", "write_report"]
 
-DASH = "—"
-BOOTSTRAP_SEED = 0
 
 
 def open_experiment(path: str | os.PathLike, store: str | os.PathLike | None = None
@@ -297,22 +296,12 @@ def _cost(spec: ExperimentSpec, cells: list[Cell], counted: dict[str, dict]) -> 
 # --------------------------------------------------------------------------- writing
 
 
-def _fmt(value: float, digits: int = 4) -> str:
-    return DASH if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
 def _entry_text(entry: Entry) -> str:
     mean, std, n = entry.stats
     if n == 0:
         return DASH
-    text = _fmt(mean) if n < 2 else f"{_fmt(mean)} ± {_fmt(std)}"
+    text = fmt(mean) if n < 2 else f"{fmt(mean)} ± {fmt(std)}"
     return text + (f" ({n}/{entry.planned})" if n < entry.planned else "")
-
-
-def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(line) + " |" for line in lines]
-    return "\n".join(out)
 
 
 def _split_text(spec: ExperimentSpec, split: str) -> str:
@@ -340,22 +329,10 @@ def _table_markdown(table: MetricTable) -> str:
         for d in table.data:
             text = _entry_text(table.entries[row][d])
             line.append(f"**{text}**" if row in best[d] else text)
-        avg = _fmt(table.average(row))
+        avg = fmt(table.average(row))
         line.append(f"**{avg}**" if row in best_avg else avg)
         lines.append(line)
-    return _markdown_table(header, lines)
-
-
-def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
-def _csv_value(value: float) -> Any:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    return markdown_table(header, lines)
 
 
 def write_report(spec: ExperimentSpec, store: ExperimentStore, out_dir: str | os.PathLike | None = None) -> Path:
@@ -394,15 +371,17 @@ def write_report(spec: ExperimentSpec, store: ExperimentStore, out_dir: str | os
         elif table.split != s.split:
             parts += [f"From the {_split_text(spec, table.split)}.", ""]
         parts += [_table_markdown(table)]
-        _write_csv(out / f"table_{table.metric.replace('/', '_')}.csv",
+        write_csv(out / f"table_{table.metric.replace('/', '_')}.csv",
                    ["row", *[f"{d} {k}" for d in table.data for k in ("mean", "std", "n")], "Avg"],
-                   [[r, *[_csv_value(v) for d in table.data for v in table.entries[r][d].stats], _csv_value(table.average(r))]
+                   [[r, *[csv_value(v) for d in table.data for v in table.entries[r][d].stats], csv_value(table.average(r))]
                     for r in table.rows])
     parts += ["", *_comparison_section(report, out)]
     parts += ["", *_cost_section(report, out)]
     if spec.select is not None:
         parts += ["", *_selection_section(report, out)]
     parts += ["", *_figures_section(report, out)]
+    if spec.merge is not None:
+        parts += ["", *merge_section(spec, store, out)]
     parts += ["", *_not_counted_section(report)]
     parts += ["", *_provenance_section(report)]
     _write_cells_csv(report, out / "cells.csv")
@@ -413,7 +392,7 @@ def write_report(spec: ExperimentSpec, store: ExperimentStore, out_dir: str | os
 
 def _convergence_text(report: Report) -> str:
     given = report.spec.report.loss_threshold is not None
-    levels = ", ".join(f"{d}: {_fmt(v)}" for d, v in report.thresholds.items())
+    levels = ", ".join(f"{d}: {fmt(v)}" for d, v in report.thresholds.items())
     return ("Convergence speed: the first logged training step at which the task loss, smoothed by a trailing "
             f"mean over {SMOOTHING_WINDOW} logged points, is at or below "
             + ("report.loss_threshold" if given else
@@ -441,14 +420,14 @@ def _comparison_section(report: Report, out: Path) -> list[str]:
     rows = []
     for c in report.comparisons:
         d = c.difference
-        interval = DASH if d.includes_zero is None else f"[{_fmt(d.low)}, {_fmt(d.high)}]"
-        rows.append([f"{c.row} − {c.baseline}", c.metric, str(d.n), _fmt(d.mean), interval, c.reading()])
-    lines.append(_markdown_table(["comparison", "metric", "pairs", "mean difference", "95% interval", "reading"],
+        interval = DASH if d.includes_zero is None else f"[{fmt(d.low)}, {fmt(d.high)}]"
+        rows.append([f"{c.row} − {c.baseline}", c.metric, str(d.n), fmt(d.mean), interval, c.reading()])
+    lines.append(markdown_table(["comparison", "metric", "pairs", "mean difference", "95% interval", "reading"],
                                  rows))
-    _write_csv(out / "comparison.csv",
+    write_csv(out / "comparison.csv",
                ["row", "baseline", "metric", "pairs", "mean_difference", "low", "high", "includes_zero"],
-               [[c.row, c.baseline, c.metric, c.difference.n, _csv_value(c.difference.mean),
-                 _csv_value(c.difference.low), _csv_value(c.difference.high), c.difference.includes_zero]
+               [[c.row, c.baseline, c.metric, c.difference.n, csv_value(c.difference.mean),
+                 csv_value(c.difference.low), csv_value(c.difference.high), c.difference.includes_zero]
                 for c in report.comparisons])
     return lines
 
@@ -458,17 +437,17 @@ def _cost_section(report: Report, out: Path) -> list[str]:
              "Peak resident memory (RSS, sampled while the cell ran: the whole cell in its own process, or the "
              "runner's process with `--in-process`) and wall time of each cell (model loading, training and "
              "evaluation; the next column adds the child process's start-up), mean over the counted cells.", ""]
-    rows = [[c["row"], c["data"], str(c["cells"]), _fmt(c["peak_rss_mib_mean"], 0), _fmt(c["peak_rss_mib_max"], 0),
-             f"{_fmt(c['wall_seconds_mean'], 1)} ± {_fmt(c['wall_seconds_std'], 1)}", _fmt(c["train_seconds_mean"], 1),
-             _fmt(c["process_seconds_mean"], 1),
+    rows = [[c["row"], c["data"], str(c["cells"]), fmt(c["peak_rss_mib_mean"], 0), fmt(c["peak_rss_mib_max"], 0),
+             f"{fmt(c['wall_seconds_mean'], 1)} ± {fmt(c['wall_seconds_std'], 1)}", fmt(c["train_seconds_mean"], 1),
+             fmt(c["process_seconds_mean"], 1),
              f"{c['trainable_parameters']:,}" if isinstance(c["trainable_parameters"], int)
              else str(c["trainable_parameters"]), c["isolation"]] for c in report.cost]
-    lines.append(_markdown_table(["method", "data", "cells", "peak RSS (MiB)", "max peak RSS (MiB)", "wall time (s)",
+    lines.append(markdown_table(["method", "data", "cells", "peak RSS (MiB)", "max peak RSS (MiB)", "wall time (s)",
                                   "train time (s)", "with process start (s)", "trainable params", "isolation"], rows)
                  if rows
                  else "No finished cell.")
-    _write_csv(out / "cost.csv", list(report.cost[0]) if report.cost else ["row"],
-               [[_csv_value(v) for v in c.values()] for c in report.cost])
+    write_csv(out / "cost.csv", list(report.cost[0]) if report.cost else ["row"],
+               [[csv_value(v) for v in c.values()] for c in report.cost])
     return lines
 
 
@@ -485,9 +464,9 @@ def _selection_section(report: Report, out: Path) -> list[str]:
             continue
         texts = []
         for value, mean, n, planned in choice.scores:
-            text = f"{value}: {_fmt(mean)} ({n}/{planned})"
+            text = f"{value}: {fmt(mean)} ({n}/{planned})"
             texts.append(f"**{text}**" if value == choice.value else text)
-            csv_rows.append([label, value, _csv_value(mean), n, planned, value == choice.value])
+            csv_rows.append([label, value, csv_value(mean), n, planned, value == choice.value])
         best = [m for _, m, _, _ in choice.scores if m is not None]
         tie = len(best) > 1 and sum(m == (max(best) if sel.goal == "max" else min(best)) for m in best) > 1
         notes = ["no candidate finished: not chosen"] if choice.value is None else []
@@ -495,8 +474,8 @@ def _selection_section(report: Report, out: Path) -> list[str]:
         notes += ["a tie: the first listed value is taken"] if tie and choice.value is not None else []
         note = "; ".join(notes)
         rows.append([label, "; ".join(texts), note])
-    lines.append(_markdown_table(["data · method", "candidates", "note"], rows))
-    _write_csv(out / "selection.csv", ["group", "value", "validation_mean", "finished", "planned", "chosen"], csv_rows)
+    lines.append(markdown_table(["data · method", "candidates", "note"], rows))
+    write_csv(out / "selection.csv", ["group", "value", "validation_mean", "finished", "planned", "chosen"], csv_rows)
     return lines
 
 
@@ -577,7 +556,7 @@ def _not_counted_section(report: Report) -> list[str]:
     rows = [[cell_id, status, detail.replace("|", "\\|")] for cell_id, status, detail in report.not_counted]
     rows += [[" · ".join(g for g in group if g), "waiting", "no candidate of the selection finished"]
              for group in report.waiting]
-    return lines + [_markdown_table(["cell", "status", "detail"], rows)]
+    return lines + [markdown_table(["cell", "status", "detail"], rows)]
 
 
 def _provenance_section(report: Report) -> list[str]:
@@ -612,4 +591,4 @@ def _write_cells_csv(report: Report, path: Path) -> None:
                     rows.append([cell.id, cell.data, cell.method, cell.variant or "",
                                  "" if cell.value is None else cell.value, cell.seed,
                                  metric_split(metric, split)[0], name, value])
-    _write_csv(path, ["cell", "data", "method", "variant", "selected", "seed", "split", "metric", "value"], rows)
+    write_csv(path, ["cell", "data", "method", "variant", "selected", "seed", "split", "metric", "value"], rows)

@@ -30,6 +30,16 @@ A spec names a base run config and the axes that vary around it::
         name: rank                    # the x axis
         values: {r8: 8, r32: 32}      # variant -> value
         log: true                     # log2 x axis
+    merge:                            # optional (classification): merge the task adapters, see below
+      score: accuracy                 # the task metric remaining performance is computed on
+      general: mrpc-validation        # optional: a pair task, the encoder's zero-shot general ability
+      reference: iterative-0.8        # the merge every variant is compared on (default: the first)
+      incremental: true               # also merge the first k data sets, k = 2 .. n-1 (reference only)
+      normalize_by: plain             # the variant whose single adapters normalise (default: the first)
+      methods:                        # named merges: balora merge's options, and optionally variants
+        iterative-0.8: {method: iterative, retain: 0.8}
+        ties: {method: ties, density: 0.5, variants: [routing]}
+      sweep: {name: retain, values: {iterative-0.7: 0.7, iterative-0.8: 0.8}}
 
 A cell's config is the base, then ``set``, the data variant, the method, the override variant,
 the selected value and the seed, in that order, read by the project's config loader
@@ -49,6 +59,12 @@ unless set); a method without ``+reg`` has no λ, so its group has a single cand
 
 The validation split is ``data.validation_fraction`` of the TRAINING data (see
 :class:`balora.config.DataConfig`); ``select`` requires it in every cell.
+
+``merge`` (:mod:`balora.experiments.merges`): after the cells, the adapters of the cells that differ
+only in their data set (same method, variant and seed) are merged by every ``merge.methods`` entry
+(:func:`balora.merging.merge_adapters`; ``variants`` limits an entry to some override variants) and
+each data set is scored with the merged adapter and its own head. It needs two or more data sets,
+classification cells and no ``select``.
 """
 
 from __future__ import annotations
@@ -70,9 +86,12 @@ from balora.config import ConfigError, RunConfig, apply_overrides, from_dict
 __all__ = [
     "LAMBDA_KEYS",
     "LAMBDA_SCALE",
+    "MERGE_OPTION_KEYS",
     "PAPER_SEEDS",
     "Cell",
     "ExperimentSpec",
+    "MergeMethod",
+    "MergeSettings",
     "ReportSettings",
     "Selection",
     "SpecError",
@@ -91,11 +110,14 @@ RUN_LOCATION_KEYS = ("output_dir", "name")
 #: Metric names where lower is better (plus every ``*_loss`` and ``*perplexity*``).
 LOWER_IS_BETTER = frozenset({"mse", "loss", "no_answer"})
 
-_SPEC_KEYS = ("name", "description", "base", "set", "grid", "select", "report")
+_SPEC_KEYS = ("name", "description", "base", "set", "grid", "select", "report", "merge")
 _GRID_KEYS = ("method", "task", "data", "seed", "overrides")
 _SELECT_KEYS = ("key", "values", "metric", "goal", "seeds")
 _REPORT_KEYS = ("metrics", "baseline", "split", "lower_is_better", "loss_threshold", "sweep")
 _SWEEP_KEYS = ("name", "values", "log")
+_MERGE_KEYS = ("score", "general", "reference", "methods", "sweep", "incremental", "normalize_by")
+#: The ``balora merge`` options a ``merge.methods`` entry may set (beside ``variants``).
+MERGE_OPTION_KEYS = ("method", "retain", "retain_by", "merge_fn", "rank", "density", "weight", "seed")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 SEPARATOR = "__"
 
@@ -201,6 +223,37 @@ class ReportSettings:
     sweep: Sweep | None = None
 
 
+@dataclass(frozen=True)
+class MergeMethod:
+    """One named merge of ``merge.methods``: ``balora merge``'s options and the variants it merges
+    (None: every variant of the grid)."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...]
+    variants: tuple[str, ...] | None = None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The ``merge`` section: what is merged, how, and how it is scored."""
+
+    methods: tuple[MergeMethod, ...]
+    score: str = "accuracy"
+    general: str | None = None
+    reference: str = ""
+    incremental: bool = False
+    sweep: Sweep | None = None
+    normalize_by: str | None = None  # the variant whose single adapters normalise the merged scores
+
+    @property
+    def by_name(self) -> dict[str, MergeMethod]:
+        return {m.name: m for m in self.methods}
+
+
 @dataclass
 class ExperimentSpec:
     """A loaded spec: its axes and every cell (with ``select``: every candidate value at every seed)."""
@@ -216,6 +269,7 @@ class ExperimentSpec:
     select: Selection | None
     report: ReportSettings
     cells: list[Cell]
+    merge: MergeSettings | None = None
 
     @property
     def by_id(self) -> dict[str, Cell]:
@@ -428,10 +482,11 @@ class _Parser:
         if named and report.baseline not in rows and not any(_same_method(c.method, report.baseline) for c in cells):
             self.fail(f"report.baseline {report.baseline!r} is neither a row of the grid ({', '.join(rows)}) nor "
                       "one of its methods")
+        merge = self.merge_settings(raw.get("merge"), data, variants, select, cells)
         return ExperimentSpec(
             name=name, source=self.path, raw=dict(raw, base=base), description=str(raw.get("description") or ""),
             data=tuple(data), methods=tuple(methods), variants=tuple(variants) if variants else None,
-            seeds=tuple(seeds), select=select, report=report, cells=cells,
+            seeds=tuple(seeds), select=select, report=report, cells=cells, merge=merge,
         )
 
     def base(self, value: Any) -> dict:
@@ -476,23 +531,90 @@ class _Parser:
             self.fail("select.values of lambda_scale must be numbers >= 0")
         return Selection(key=key, values=tuple(values), metric=metric, goal=goal, seeds=tuple(select_seeds))
 
-    def sweep(self, value: Any, variants: dict | None) -> Sweep:
-        sweep = self.check_keys(value, _SWEEP_KEYS, "report.sweep")
+    def sweep(self, value: Any, variants: dict | None, *, where: str = "report.sweep",
+              axis: str = "grid.overrides") -> Sweep:
+        sweep = self.check_keys(value, _SWEEP_KEYS, where)
         name, values, log = sweep.get("name"), sweep.get("values"), sweep.get("log", False)
         if not isinstance(name, str) or not name:
-            self.fail("report.sweep.name must name the swept setting (the figure's x axis), e.g. rank")
+            self.fail(f"{where}.name must name the swept setting (the figure's x axis), e.g. rank")
         if not isinstance(values, dict) or not values:
-            self.fail("report.sweep.values must map grid.overrides variants to numbers, e.g. {r8: 8}")
+            self.fail(f"{where}.values must map {axis} names to numbers, e.g. {{r8: 8}}")
         unknown = [k for k in values if k not in (variants or {})]
         if unknown:
-            self.fail(f"report.sweep.values names {', '.join(map(str, unknown))}, which grid.overrides does not "
+            self.fail(f"{where}.values names {', '.join(map(str, unknown))}, which {axis} does not "
                       f"have ({', '.join(variants or {}) or 'no variants'})")
         for k, v in values.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (log and v <= 0):
-                self.fail(f"report.sweep.values.{k} must be a {'positive ' if log else ''}number, got {v!r}")
+                self.fail(f"{where}.values.{k} must be a {'positive ' if log else ''}number, got {v!r}")
         if not isinstance(log, bool):
-            self.fail(f"report.sweep.log must be true or false, got {log!r}")
+            self.fail(f"{where}.log must be true or false, got {log!r}")
         return Sweep(name=name, values=tuple((str(k), float(v)) for k, v in values.items()), log=log)
+
+    def merge_settings(self, value: Any, data: dict, variants: dict | None, select: Selection | None,
+                       cells: list[Cell]) -> MergeSettings | None:
+        if value is None:
+            return None
+        section = self.check_keys(value, _MERGE_KEYS, "merge")
+        if select is not None:
+            self.fail("merge does not combine with select (the merged adapters would mix candidate values)")
+        if len(data) < 2:
+            self.fail(f"merge needs two or more data sets in the grid (grid.task or grid.data), got {len(data)}")
+        families = {c.config.family for c in cells}
+        if families != {"classification"}:
+            self.fail("merge scores merged classifiers only (each data set with its own head); the grid has "
+                      f"{', '.join(sorted(families))} cells")
+        raw_methods = section.get("methods")
+        if not isinstance(raw_methods, dict) or not raw_methods:
+            self.fail("merge.methods must map merge names to balora merge options, e.g. "
+                      "{iterative-0.8: {method: iterative, retain: 0.8}}")
+        methods = []
+        for name, options in raw_methods.items():
+            label = self.safe(str(name), "merge.methods")
+            options = self.check_keys(options if options is not None else {}, (*MERGE_OPTION_KEYS, "variants"),
+                                      f"merge.methods.{label}")
+            only = None
+            if "variants" in options:
+                only = tuple(self.names(options["variants"], f"merge.methods.{label}.variants"))
+                unknown = [v for v in only if v not in (variants or {})]
+                if unknown:
+                    self.fail(f"merge.methods.{label}.variants names {', '.join(unknown)}, which grid.overrides "
+                              f"does not have ({', '.join(variants or {}) or 'no variants'})")
+            kwargs = tuple((k, _as_number(v)) for k, v in options.items() if k != "variants")
+            try:
+                from balora.merging import check_merge_options
+
+                check_merge_options(**dict(kwargs))
+            except ValueError as err:
+                self.fail(f"merge.methods.{label}: {err}")
+            methods.append(MergeMethod(name=label, options=kwargs, variants=only))
+        score = section.get("score", "accuracy")
+        if not isinstance(score, str) or not score.strip():
+            self.fail(f"merge.score must be a metric name, got {score!r}")
+        if lower_is_better(score):
+            self.fail(f"merge.score {score!r} is lower-is-better; remaining performance needs a higher-is-better "
+                      "score (accuracy, macro_f1, matthews_corrcoef)")
+        general = section.get("general")
+        if general is not None and not (isinstance(general, str) and general.strip()):
+            self.fail(f"merge.general must name a pair task (e.g. mrpc-validation), got {general!r}")
+        reference = section.get("reference", methods[0].name)
+        by_name = {m.name: m for m in methods}
+        if reference not in by_name:
+            self.fail(f"merge.reference {reference!r} is not one of merge.methods ({', '.join(by_name)})")
+        if by_name[reference].variants is not None and variants and set(by_name[reference].variants) != set(variants):
+            self.fail(f"merge.reference {reference!r} must merge every variant (it compares them); "
+                      "drop its variants list")
+        incremental = section.get("incremental", False)
+        if not isinstance(incremental, bool):
+            self.fail(f"merge.incremental must be true or false, got {incremental!r}")
+        sweep = None
+        if section.get("sweep") is not None:
+            sweep = self.sweep(section["sweep"], by_name, where="merge.sweep", axis="merge.methods")
+        normalize_by = section.get("normalize_by", next(iter(variants)) if variants else None)
+        if normalize_by is not None and normalize_by not in (variants or {}):
+            self.fail(f"merge.normalize_by {normalize_by!r} is not a variant of grid.overrides "
+                      f"({', '.join(variants or {}) or 'no variants'})")
+        return MergeSettings(methods=tuple(methods), score=score.strip(), general=general, reference=reference,
+                             incremental=incremental, sweep=sweep, normalize_by=normalize_by)
 
     def report_settings(self, value: Any, variants: dict | None = None) -> ReportSettings:
         rep = self.check_keys(value, _REPORT_KEYS, "report")

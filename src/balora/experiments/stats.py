@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "MIN_RELIABLE_PAIRS", "PairedDifference", "mean_std", "paired_bootstrap"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "MIN_RELIABLE_PAIRS", "PairedDifference", "mean_std", "paired_bootstrap"]
 
+#: The seed of every report's bootstrap intervals (the same runs give the same intervals).
+BOOTSTRAP_SEED = 0
 #: Resamples of the bootstrap intervals (scipy's default).
 BOOTSTRAP_RESAMPLES = 9999
 #: Below this many pairs a bootstrap interval has too few distinct resamples to mean much

@@ -21,7 +21,8 @@ from pathlib import Path
 from balora.merging.adapters import PEFT_METHODS, check_out_dir, peft_merge, read_adapters, write_merged
 from balora.merging.iterative import DEFAULT_RETAIN, MERGE_FUNCTIONS, RETAIN_BY, iterative_merge
 
-__all__ = ["MERGE_FILE", "MERGE_FUNCTIONS", "METHODS", "RETAIN_BY", "MergeResult", "merge_adapters"]
+__all__ = ["MERGE_FILE", "MERGE_FUNCTIONS", "METHODS", "RETAIN_BY", "MergeResult", "check_merge_options",
+           "merge_adapters"]
 
 #: Merge methods: I-LoRA's iterative merging, then PEFT's baselines.
 METHODS = ("iterative", *PEFT_METHODS)
@@ -44,8 +45,16 @@ class MergeResult:
 def _check_options(method: str, *, retain, retain_by, merge_fn, rank, density, weight, seed) -> dict:
     """The options of ``method`` with their defaults; a one-line ValueError for a bad value or an
     option the method does not read."""
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
+    for flag, value, kinds in (("--retain", retain, (int, float)), ("--density", density, (int, float)),
+                               ("--weight", weight, (int, float)), ("--rank", rank, (int,)), ("--seed", seed, (int,))):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            what = "an integer" if kinds == (int,) else "a number"
+            raise ValueError(f"{flag} must be {what}, got {value!r}")
+    for flag, value in (("--retain-by", retain_by), ("--merge-fn", merge_fn)):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{flag} must be a name, got {value!r}")
     given = {"--retain": retain, "--retain-by": retain_by, "--merge-fn": merge_fn, "--rank": rank,
              "--density": density, "--weight": weight, "--seed": seed}
     reads = {"--rank": method in _RANK_METHODS, "--density": method in _DENSITY_METHODS,
@@ -79,6 +88,15 @@ def _check_options(method: str, *, retain, retain_by, merge_fn, rank, density, w
     if method == "dare_ties":
         options["seed"] = 0 if seed is None else int(seed)
     return options
+
+
+def check_merge_options(method: str = "iterative", *, retain: float | None = None, retain_by: str | None = None,
+                        merge_fn: str | None = None, rank: int | None = None, density: float | None = None,
+                        weight: float | None = None, seed: int | None = None) -> dict:
+    """The options :func:`merge_adapters` would use for ``method`` (defaults filled in), or the
+    one-line ValueError it would raise for them, without reading any adapter."""
+    return _check_options(method, retain=retain, retain_by=retain_by, merge_fn=merge_fn, rank=rank,
+                          density=density, weight=weight, seed=seed)
 
 
 def _check_ranks(adapters, method: str, options: dict) -> None:
