@@ -17,7 +17,8 @@ import yaml
 from balora.cli import main
 from balora.experiments import ExperimentStore, SpecError, load_spec, run_experiment, write_report
 from balora.experiments.cell import OUTCOME_FILE, make_job
-from balora.experiments.runner import LocalExecutor, _exit_message
+from balora.experiments.cell_process import exit_message
+from balora.experiments.runner import LocalExecutor
 from balora.experiments.store import FAILED, FINISHED
 
 
@@ -130,8 +131,8 @@ def test_interrupted_run_with_a_checkpoint_is_resumed(tiny_model_dir, task_files
 
 
 def test_exit_messages():
-    assert "SIGKILL" in _exit_message(-signal.SIGKILL) and "out of memory" in _exit_message(-signal.SIGKILL)
-    assert "exit code 1" in _exit_message(1)
+    assert "SIGKILL" in exit_message(-signal.SIGKILL) and "out of memory" in exit_message(-signal.SIGKILL)
+    assert "exit code 1" in exit_message(1)
 
 
 @pytest.mark.slow
@@ -172,7 +173,8 @@ def test_cli_end_to_end_in_child_processes(tiny_model_dir, task_files, tmp_path,
     spec_file.write_text(yaml.safe_dump(_spec(tiny_model_dir, task_files, name="e2e", seeds=(42,), grid={
         "method": ["balora"], "seed": [42], "data": {"good": {}, "broken": {"data.eval_file": "missing.csv"}}})))
     store = tmp_path / "store"
-    assert main(["experiment", "run", str(spec_file), "--store", str(store), "--no-progress"]) == 1  # a cell failed
+    # two cells at once (the local pool): one finishes, one fails, each recorded on its own
+    assert main(["experiment", "run", str(spec_file), "--store", str(store), "--no-progress", "--workers", "2"]) == 1
     records = ExperimentStore(store).records()
     assert records["good__balora__s42"]["status"] == FINISHED
     assert records["good__balora__s42"]["isolation"] == "process"

@@ -200,9 +200,17 @@ def _add_experiment_parser(sub) -> None:
     run.add_argument("--store", metavar="DIR", help="the experiment's store (default runs/experiments/<name>)")
     run.add_argument("--dry-run", action="store_true", help="print the cells (and their status in the store) and exit")
     run.add_argument("--retry-failed", action="store_true", help="run the failed cells again")
-    run.add_argument("--executor", default="local", help="how cells run: local (one at a time on this machine)")
+    run.add_argument("--executor", default="local", choices=("local", "ray"),
+                     help="how cells run: local (child processes on this machine, --workers at a time) or ray "
+                          "(tasks on a Ray cluster; pip install 'balora[ray]')")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="local: cells at the same time (default 1: two trainings on 2 cores thrash)")
     run.add_argument("--in-process", action="store_true",
-                     help="run the cells in this process instead of one child process per cell")
+                     help="local: run the cells in this process instead of one child process per cell")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="ray: the cluster (auto, or ray://<head>:10001); default RAY_ADDRESS, else a local Ray")
+    run.add_argument("--cpus-per-cell", type=float, metavar="N", help="ray: CPUs each cell's task takes (default 1)")
+    run.add_argument("--gpus-per-cell", type=float, metavar="N", help="ray: GPUs each cell's task takes (default 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     report = actions.add_parser("report", help="write the tables, comparisons and figures of an experiment")
     report.add_argument("source", metavar="SPEC_OR_STORE", help="experiment spec (YAML) or store directory")
@@ -221,8 +229,19 @@ def _experiment(args) -> int:
     if args.dry_run:
         print(experiments.describe_plan(spec, args.store))
         return 0
+    if args.executor == "local":
+        wrong = [flag for flag, value in (("--ray-address", args.ray_address), ("--cpus-per-cell", args.cpus_per_cell),
+                                          ("--gpus-per-cell", args.gpus_per_cell)) if value is not None]
+        options = {"workers": args.workers}
+    else:
+        wrong = [flag for flag, value in (("--workers", args.workers), ("--in-process", args.in_process or None))
+                 if value is not None]
+        options = {"address": args.ray_address, "cpus_per_cell": args.cpus_per_cell,
+                   "gpus_per_cell": args.gpus_per_cell}
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} do(es) not apply to --executor {args.executor}")
     summary = experiments.run_experiment(spec, args.store, retry_failed=args.retry_failed, executor=args.executor,
-                                         in_process=args.in_process, progress=not args.no_progress)
+                                         in_process=args.in_process, progress=not args.no_progress, **options)
     print(f"\n{len(summary.finished)} cell(s) finished now, {len(summary.kept)} finished before, "
           f"{len(summary.failed)} failed; store: {summary.store}")
     if summary.waiting:
@@ -230,8 +249,16 @@ def _experiment(args) -> int:
     if summary.failed:
         print(f"failed: {', '.join(summary.failed)} (errors in {summary.store / 'cells'}; "
               "run again with --retry-failed)")
+    merges = summary.merges
+    if merges is not None:
+        print(f"merge stage: {merges.finished} job(s) finished now, {merges.kept} finished before, "
+              f"{len(merges.failed)} failed, {len(merges.waiting)} waiting for unfinished cells")
+        if merges.failed:
+            print(f"failed merges: {', '.join(merges.failed)} (errors in {summary.store / 'merges'}; "
+                  "run again with --retry-failed)")
     print(f"report: balora experiment report {summary.store}")
-    return 1 if summary.failed or summary.waiting else 0
+    merge_trouble = merges is not None and bool(merges.failed or merges.waiting)
+    return 1 if summary.failed or summary.waiting or merge_trouble else 0
 
 
 def _predict(args) -> int:

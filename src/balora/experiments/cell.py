@@ -28,6 +28,7 @@ import yaml
 
 from balora import run_dir as run_dirs
 from balora.config import RunConfig, from_dict
+from balora.experiments.cell_process import OUTCOME_FILE
 from balora.experiments.rss import PeakRSS
 from balora.experiments.spec import config_hash as spec_hash
 from balora.experiments.store import FAILED, FINISHED, write_json_atomic
@@ -36,7 +37,6 @@ __all__ = ["RUN_NAME", "execute_cell", "main", "make_job", "resumable_run", "tas
 
 #: A cell's run directories are ``<cell dir>/run-<time>``.
 RUN_NAME = "run"
-JOB_FILE, OUTCOME_FILE, LOG_FILE = "job.json", "outcome.json", "cell.log"
 
 
 def make_job(cell_id: str, config: RunConfig, config_hash: str, cell_dir: Path) -> dict[str, Any]:
