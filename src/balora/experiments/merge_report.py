@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from balora.experiments.figures import plot_metric_bars, plot_sweep
+from balora.experiments.figures import plot_sweep
 from balora.experiments.merges import BASE, MERGE, SINGLE, merge_records, plan_merges
 from balora.experiments.spec import ExperimentSpec
 from balora.experiments.stats import BOOTSTRAP_SEED, MIN_RELIABLE_PAIRS, mean_std, paired_bootstrap
@@ -194,7 +194,7 @@ def _methods_section(r: _Results, out: Path) -> tuple[list[str], dict]:
                 csv_rows += [[row, entry.name, seed, d, p.get(d, math.nan)] for d in spec.data]
                 csv_rows += [[row, entry.name, seed, "mean", m], [row, entry.name, seed, "general_retention", g]]
             mean, std, _ = mean_std([m for m in means if not math.isnan(m)])
-            bars.setdefault(f"mean remaining performance ({s.score})", {}).setdefault(row, {})[entry.name] = (mean, std)
+            bars[f"{row} · {entry.name}"] = (mean, std)
     _write_csv(out / "merge_methods.csv", ["row", "merge", "seed", "data", "remaining_performance"], csv_rows)
     text = ["## Merging: every merge method (remaining performance)", "",
             f"Per data set, merged `{s.score}` ÷ the row's own single adapter's (same seed), mean ± std over seeds; "
@@ -293,6 +293,34 @@ def _sweep_figure(r: _Results, out: Path) -> list[str]:
     return ["", f"![remaining performance against {sweep.name}](merge_sweep.png)"]
 
 
+def _plot_merge_bars(bars: dict[str, tuple[float, float]], path: Path, xlabel: str, title: str) -> Path:
+    """One horizontal bar per (row · merge) at its mean over seeds, the std as error bar, in table order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from balora.plots import save_figure
+
+    labels = list(bars)
+    means = [0.0 if math.isnan(bars[k][0]) else bars[k][0] for k in labels]
+    stds = [0.0 if math.isnan(bars[k][1]) else bars[k][1] for k in labels]
+    fig, ax = plt.subplots(figsize=(7.5, 0.8 + 0.32 * len(labels)))
+    y = list(range(len(labels)))[::-1]
+    ax.barh(y, means, xerr=stds, capsize=3, color="tab:blue", alpha=0.8)
+    for yi, k, m in zip(y, labels, means):
+        ax.text(m, yi, f" {_fmt_or_blank(bars[k][0])}", va="center", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    return save_figure(fig, path, title, title_size=10)
+
+
+def _fmt_or_blank(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.3f}"
+
+
 def merge_section(spec: ExperimentSpec, store: ExperimentStore, out: Path) -> list[str]:
     """The Markdown lines of the merge stage's part of ``report.md`` (and its CSV and PNG files in
     ``out``); [] for a spec without ``merge``."""
@@ -310,7 +338,7 @@ def merge_section(spec: ExperimentSpec, store: ExperimentStore, out: Path) -> li
         parts += ["", *comparison]
     figures = ["## Merging: figures"]
     if bars:
-        plot_metric_bars(bars, out / "merge_methods.png",
+        _plot_merge_bars(bars, out / "merge_methods.png", xlabel=f"mean remaining performance ({spec.merge.score})",
                          title=f"{spec.name}: mean remaining performance per merge (mean over seeds, error bars = std)")
         figures += ["", "![remaining performance per merge method](merge_methods.png)"]
     figures += _sweep_figure(r, out)
