@@ -32,6 +32,7 @@ refactor error per layer, from ``merge.json``), ``timings``, ``error`` and ``tra
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -136,8 +137,6 @@ def _records_dir(store: ExperimentStore) -> Path:
 
 def merge_records(store: ExperimentStore) -> dict[str, dict[str, Any]]:
     """Every record of the merge stage in ``store``, by id."""
-    import json
-
     folder = _records_dir(store)
     if not folder.is_dir():
         return {}
@@ -170,8 +169,6 @@ class _Scorer:
     def run_of(self, cell: Cell):
         """The cell's ClassificationRun with its data loaded (the cell's evaluation split), shared by
         the cells whose data, model and seed settings are the same (the variants of one data set)."""
-        import json
-
         config = cell.config.to_dict()
         key = json.dumps([config["data"], config["model"], cell.seed], sort_keys=True, default=str)
         if key not in self._runs:

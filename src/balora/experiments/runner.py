@@ -199,7 +199,7 @@ class _Runner:
         """Run the cells of one stage (cells that do not depend on each other) through the executor:
         a finished cell is kept, a failed one only runs again with ``retry_failed`` (or a changed
         config), an interrupted one that had finished is harvested, every other one runs."""
-        items, attempts = [], {}
+        items = []
         for cell in cells:
             record = self.store.record(cell.id)
             status = record.get("status") if record else None
@@ -211,15 +211,14 @@ class _Runner:
                 self.summary.failed.append(cell.id)  # (a failed cell whose config changed runs with the new one)
                 self.bar.update(1)
                 continue
-            attempts[cell.id] = (record or {}).get("attempt", 0) + 1
+            attempt = (record or {}).get("attempt", 0) + 1
             cell_dir = self.store.cell_dir(cell.id)
             cell_dir.mkdir(parents=True, exist_ok=True)
+            self._started[cell.id] = (cell, attempt, time.time())
             outcome = self.harvest(cell, cell_dir) if status == RUNNING else None
             if outcome is not None:
-                self._started[cell.id] = (cell, attempts[cell.id], time.time())
                 self.finish(cell.id, outcome)
                 continue
-            self._started[cell.id] = (cell, attempts[cell.id], time.time())
             items.append((cell.id, make_job(cell.id, cell.config, cell.config_hash, cell_dir), cell_dir))
         if items:
             self.executor.execute(items, self.start, self.finish)

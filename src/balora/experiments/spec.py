@@ -563,6 +563,8 @@ class _Parser:
         if families != {"classification"}:
             self.fail("merge scores merged classifiers only (each data set with its own head); the grid has "
                       f"{', '.join(sorted(families))} cells")
+        from balora.merging import check_merge_options
+
         raw_methods = section.get("methods")
         if not isinstance(raw_methods, dict) or not raw_methods:
             self.fail("merge.methods must map merge names to balora merge options, e.g. "
@@ -581,8 +583,6 @@ class _Parser:
                               f"does not have ({', '.join(variants or {}) or 'no variants'})")
             kwargs = tuple((k, _as_number(v)) for k, v in options.items() if k != "variants")
             try:
-                from balora.merging import check_merge_options
-
                 check_merge_options(**dict(kwargs))
             except ValueError as err:
                 self.fail(f"merge.methods.{label}: {err}")
