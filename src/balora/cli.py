@@ -13,10 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 from balora.assets import AssetNotInstalled
 from balora.config import SECTIONS, ConfigError, describe_config, load_config
+from balora.distributed import is_main_process
 from balora.evaluation.cli import add_evaluate_parser, run_evaluate
 from balora.experiments.store import StoreError
 from balora.models import ModelLoadError
@@ -36,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. adapter.method=pissa train.epochs=2")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--num-processes", type=int, default=1, metavar="N",
+                       help="train on N processes (DDP; one per GPU, or gloo on CPU) through accelerate launch")
+    train.add_argument("--accelerate-config", metavar="FILE",
+                       help="an accelerate config (e.g. configs/accelerate/deepspeed-zero2.yaml) for the launch")
 
     demo = sub.add_parser("demo", help="LoRA vs PiSSA vs BA-LoRA, offline: Reuters R8 with MiniLM, or math with SmolLM2")
     demo.add_argument("--task", choices=("reuters", "math"), default="reuters",
@@ -274,6 +281,10 @@ def _predict(args) -> int:
 def _train(args) -> int:
     from balora.runs import train_run
 
+    if args.num_processes < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.num_processes > 1 or args.accelerate_config:
+        return _launch_train(args)
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume takes the run's saved config; do not pass a config or overrides")
@@ -284,12 +295,77 @@ def _train(args) -> int:
             args.config = None
         config = load_config(args.config, args.overrides)
         result = train_run(config, progress=not args.no_progress)
+    if not is_main_process():  # the other processes of a launched run print nothing
+        return 0
     m = result.metrics
     print(f"\nrun directory: {result.run_dir}")
     headline = m.get("headline_metric")
     shown = [k for k in (headline, "accuracy", "macro_f1", "pearson", "spearman") if k and k in m]
     print("  ".join(f"{k}={m[k]:.4f}" for k in dict.fromkeys(shown)))
     return 0
+
+
+def _launch_train(args) -> int:
+    """``balora train --num-processes N``: the same command on N processes through ``accelerate launch``.
+
+    The config is checked here first (a one-line error, before any process starts). Without
+    ``--accelerate-config`` the launch is DDP on this machine (``--multi_gpu``, which is gloo
+    without GPUs) on a free port; with it, the file decides and ``--num-processes`` overrides it.
+    """
+    from balora.distributed import launched_world_size
+    from balora.runs import check_before_loading
+
+    if launched_world_size() > 1:
+        raise ConfigError("--num-processes/--accelerate-config: this process was started by a launcher already "
+                          "(WORLD_SIZE is set); run `balora train` without them")
+    if args.accelerate_config and not Path(args.accelerate_config).is_file():
+        raise ConfigError(f"--accelerate-config: no such file: {args.accelerate_config}")
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume takes the run's saved config; do not pass a config or overrides")
+        from balora.runs import resume_config
+
+        resume_config(args.resume)
+    else:
+        if args.config and "=" in args.config:
+            args.overrides.insert(0, args.config)
+            args.config = None
+        check_before_loading(load_config(args.config, args.overrides), progress=False)
+    launch = ["--num_processes", str(args.num_processes)]
+    if args.accelerate_config:
+        launch += ["--config_file", args.accelerate_config]
+    else:
+        launch += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port())]
+    command = [*launch, "-m", "balora", *(["--debug"] if args.debug else []), "train",
+               *([args.config] if args.config else []), *args.overrides,
+               *(["--resume", args.resume] if args.resume else []), *(["--no-progress"] if args.no_progress else [])]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // args.num_processes, 1)))
+    return _accelerate_launch(command)
+
+
+def _accelerate_launch(argv: list[str]) -> int:
+    """``accelerate launch ARGV`` in this process; a failed process gives its exit code, not the
+    launcher's traceback (the processes have printed their own one-line errors)."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its SIGTERM / failure lines
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except ChildFailedError as err:
+        return max((f.exitcode for f in err.failures.values() if f.exitcode and f.exitcode > 0), default=1)
+    except subprocess.CalledProcessError as err:
+        return err.returncode or 1
+    return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _demo(args) -> int:

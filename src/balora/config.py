@@ -167,6 +167,10 @@ class RegularizerConfig:
     svd_oversample: int = option(
         10, family=GENERATION, help="randomized SVD: basis columns beyond svd_k")
     svd_niter: int = option(2, family=GENERATION, help="randomized SVD: power iterations")
+    global_batch: bool = option(
+        False, help="several processes (accelerate launch): compute the batch-level terms (covariance eq. 5-6, "
+                    "SVD eq. 7 / 12) on the rows of all processes, gathered with their gradients, so they equal "
+                    "the one-process value on the global batch | false: on each process's micro-batch")
     lambdas: str = option(
         "fixed", help="fixed (λ1-3 as set, or the paper's) | auto (calibrated at the start of the run by "
                       "gradient shares, paper D.1; see balora calibrate)")

@@ -12,6 +12,12 @@ classification and generation:
     (TensorBoard, resume from the last checkpoint) -> adapter, tokenizer, log history, loss curve
     -> evaluation (family plug-in) -> model card -> metrics.json (the mark of a finished run)
 
+Several processes (``accelerate launch -m balora train``, or ``balora train --num-processes N``):
+every process loads, initialises and trains; the main one creates the run directory (its path is
+broadcast), saves, evaluates (the others join a collective evaluation) and writes the metrics;
+λs calibrated with ``lambdas: auto`` are the main process's. Sharded modes (FSDP, ZeRO-3) are
+refused when a teacher is needed (:func:`balora.distributed.check_teacher_supported`).
+
 Everything that can refuse the run runs before the run directory is created, the cheap checks
 first: the config (at load), then :func:`check_before_loading` (output folder, TrainingArguments,
 perplexity corpus), then the data files (before any model), the model, the objective. A failed
@@ -20,6 +26,7 @@ validation leaves no directory behind.
 The plug-ins (:data:`FAMILIES`: :class:`balora.runs_classification.ClassificationRun`,
 :class:`balora.runs_generation.GenerationRun`) are built as ``Plugin(config, progress)`` and have
 ``needs_pretrained_view`` (the evaluation measures the pre-trained model too),
+``collective_evaluation`` (every process of a multi-process run must take part),
 ``load() -> (model, tokenizer)`` (which also sets ``train_set``, ``collator``, ``num_labels``,
 ``task_name`` and ``facts``) and ``evaluate(trainer, tokenizer, out_dir, teacher) -> metrics``;
 generation runs evaluate with the very functions ``balora evaluate`` calls.
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +61,7 @@ from balora.adapters import (
 )
 from balora.calibrate import calibrate_for_run
 from balora.config import CLASSIFICATION, GENERATION, ConfigError, RunConfig, TrainConfig, load_config
+from balora.distributed import broadcast_from_main, check_teacher_supported, init_launched_run, is_main_process
 from balora.methods import parse_method
 from balora.model_card import write_model_card
 from balora.objectives import build_objective
@@ -180,7 +189,7 @@ def _tensorboard_callback(log_dir: Path):
 
 def _train(trainer: BALoRATrainer, config: RunConfig, out_dir: Path, *, resumed: bool) -> float:
     """Train (from the run's last checkpoint when ``resumed``), logging to TensorBoard; returns seconds."""
-    if "tensorboard" in config.train.report_to:
+    if "tensorboard" in config.train.report_to and is_main_process():
         trainer.add_callback(_tensorboard_callback(out_dir / "tensorboard"))
     start = time.perf_counter()
     checkpoint = run_dir.last_checkpoint(out_dir) if resumed else None
@@ -209,6 +218,32 @@ def _init_batches(config: RunConfig, family) -> list[dict[str, torch.Tensor]]:
     return [{k: v for k, v in batch.items() if k != EXAMPLE_ID} for batch in batches]
 
 
+def _new_run_dir(config: RunConfig, calibration, model) -> Path:
+    """A fresh run directory with ``config.yaml``, the calibration (``lambdas: auto``) and the initial adapter."""
+    out_dir = run_dir.create_run_dir(config.output_dir, config.run_name)
+    run_dir.write_yaml(out_dir / run_dir.CONFIG_FILE, config.to_dict())
+    if calibration is not None:
+        run_dir.write_json(out_dir / run_dir.CALIBRATION_FILE, calibration.to_dict())
+    save_initial_adapter(model, config.adapter.method, out_dir)
+    return out_dir
+
+
+def _other_process_result(trainer, tokenizer, family, teacher, method: str, train_seconds: float,
+                          history: list[dict], out_dir: Path) -> RunResult:
+    """The end of a run on a process other than the main one, which writes nothing into ``out_dir``.
+
+    A family whose evaluation is collective (classification: ``Trainer.predict`` shards the examples
+    over the processes) evaluates along with the main process, into a scratch folder.
+    """
+    metrics: dict[str, Any] = {}
+    if family.collective_evaluation:
+        with tempfile.TemporaryDirectory() as scratch:
+            metrics = family.evaluate(trainer, tokenizer, Path(scratch), teacher)
+    return RunResult(run_dir=out_dir, method=method, metrics=metrics,
+                     trainable_parameters=trainable_parameters(trainer.model), train_seconds=train_seconds,
+                     log_history=history)
+
+
 def train_run(
     config: RunConfig | None,
     *,
@@ -221,6 +256,8 @@ def train_run(
     used); training continues from its last checkpoint, with the adapter as initialised and the
     teacher rebuilt from the saved ``initial_adapter/`` rather than re-initialised.
     """
+    init_launched_run()  # several processes (accelerate launch): join the group before anything is written
+    main = is_main_process()
     if resume is not None:
         out_dir, config = resume_config(resume)
     check_before_loading(config, progress)
@@ -243,21 +280,23 @@ def train_run(
         # the λs are weighed against the task loss alone: a routing objective's general terms stay out
         task_objective = getattr(objective, "task", objective)
         config, calibration = calibrate_for_run(config, model, task_objective, family)
+        config, calibration = broadcast_from_main((config, calibration))  # the main process's λs everywhere
     teacher = objective.teacher
     if teacher is None and family.needs_pretrained_view:
         teacher = SnapshotTeacher(model)  # the pre-trained model, for evaluation only
+    if teacher is not None:
+        check_teacher_supported()  # FSDP / ZeRO-3 (from the launcher's environment): before any directory
     if resume is None:
-        out_dir = run_dir.create_run_dir(config.output_dir, config.run_name)
-        run_dir.write_yaml(out_dir / run_dir.CONFIG_FILE, config.to_dict())
-        if calibration is not None:
-            run_dir.write_json(out_dir / run_dir.CALIBRATION_FILE, calibration.to_dict())
-        save_initial_adapter(model, config.adapter.method, out_dir)
+        out_dir = broadcast_from_main(_new_run_dir(config, calibration, model) if main else None)
     logger.info("run directory: %s", out_dir)
     trainer = BALoRATrainer(
         model=model, args=training_arguments(config, out_dir, progress), objective=objective, adapter=config.adapter,
         train_dataset=family.train_set, data_collator=family.collator, processing_class=tokenizer,
     )
     train_seconds = _train(trainer, config, out_dir, resumed=resume is not None)
+    history = list(trainer.state.log_history)
+    if not main:  # the main process saves and evaluates; the others join a collective evaluation only
+        return _other_process_result(trainer, tokenizer, family, teacher, spec.name, train_seconds, history, out_dir)
     history = _save(trainer, tokenizer, config, out_dir, title=f"{data_name(config)} · {spec.name}")
 
     eval_start = time.perf_counter()

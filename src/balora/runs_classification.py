@@ -82,6 +82,9 @@ class ClassificationRun:
 
     #: The pre-trained model is not evaluated, so no teacher is needed beyond the objective's.
     needs_pretrained_view = False
+    #: the evaluation runs ``Trainer.predict``, which shards the examples over the processes: every
+    #: process of a multi-process run takes part (only the main one writes)
+    collective_evaluation = True
 
     def __init__(self, config: RunConfig, progress: bool = True):
         self.config = config  # progress bars of the predictions are the trainer's (TrainingArguments)

@@ -114,6 +114,8 @@ class GenerationRun:
     """
 
     num_labels = None
+    #: generation is evaluated by the main process alone (its own generate loop)
+    collective_evaluation = False
 
     def __init__(self, config: RunConfig, progress: bool = True):
         self.config = config

@@ -8,6 +8,15 @@ value of ``logs`` (the task loss, each regulariser and each λ) at every logging
 over the steps since the last log, so they reach TensorBoard or any other ``report_to``
 integration.
 
+Normalisation: the objective returns its mean over one micro-batch's items (examples, or the
+valid tokens of eq. 9-11); the trainer weights it by that micro-batch's share of the items of
+the whole optimiser step, counted over every micro-batch of gradient accumulation and every
+process (:meth:`ObjectiveMixin.get_batch_samples`). The step's loss and gradient are then the
+mean over the global batch's items, whatever the split; the batch-level terms (covariance,
+SVD) are weighted the same way, each computed on its micro-batch -- or, across processes, on
+the rows of all processes with ``regularizers.global_batch`` (:mod:`balora.distributed`).
+Logged values are averaged over the processes.
+
 Mixed precision (``bf16``/``fp16`` in the arguments): the whole objective -- student forward,
 teacher forward and head computations -- runs inside the accelerator's autocast, so the teacher
 runs in the student's precision (the snapshot swap clears the autocast weight cache, see
@@ -39,6 +48,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from balora.adapters import adalora_orthogonal_loss, is_adalora, peft_orthogonal_penalty_off, set_adalora_schedule
 from balora.config import AdapterConfig
+from balora.distributed import check_teacher_supported, mean_logs_across_processes, sum_across_processes
 from balora.methods import parse_method
 from balora.objectives import Objective
 from balora.objectives.classification import EXAMPLE_ID
@@ -56,9 +66,9 @@ class ObjectiveMixin:
     read for the LoRA+ / LoRA-FA optimisers and AdaLoRA's schedule (required for an AdaLoRA model).
     """
 
-    # compute_loss returns a per-micro-batch mean: the Trainer divides it by the number of
-    # gradient accumulation steps (it would not for models that take loss kwargs otherwise).
-    loss_is_scaled_for_ga = False
+    # compute_loss weights each micro-batch's mean by its share of the optimiser step's items
+    # (counted over all micro-batches and processes): the Trainer must not divide it again.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, objective: Objective, teacher: SnapshotTeacher | None = None,
                  adapter: AdapterConfig | None = None, **kwargs):
@@ -75,15 +85,51 @@ class ObjectiveMixin:
         if objective.needs_teacher and objective.teacher is None:
             raise ValueError("the consistency regulariser needs a teacher (SnapshotTeacher)")
         self.objective = objective
-        if self.args.gradient_accumulation_steps > 1 and objective.batch_level_terms:
+        self._processes = self.accelerator.num_processes
+        objective.across_processes = self._processes > 1
+        if objective.needs_teacher:
+            check_teacher_supported(self.accelerator)
+        self._warn_batch_level_terms()
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def _warn_batch_level_terms(self) -> None:
+        terms = ", ".join(self.objective.batch_level_terms)
+        if not terms:
+            return
+        size = self.args.per_device_train_batch_size
+        if self.args.gradient_accumulation_steps > 1:
             logger.warning(
                 "gradient accumulation (%d steps): the batch-level terms (%s) are computed on each "
                 "micro-batch of %d, not on the accumulated batch",
-                self.args.gradient_accumulation_steps, ", ".join(objective.batch_level_terms),
-                self.args.per_device_train_batch_size,
+                self.args.gradient_accumulation_steps, terms, size,
             )
-        self._sums: dict[str, float] = defaultdict(float)
-        self._counts: dict[str, int] = defaultdict(int)
+        if self._processes > 1 and not _global_batch(self.objective):
+            logger.warning(
+                "%d processes: the batch-level terms (%s) are computed on each process's micro-batch of %d "
+                "(regularizers.global_batch: true computes them on all %d rows)",
+                self._processes, terms, size, size * self._processes,
+            )
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimiser step and their number of items (examples or valid
+        tokens, :meth:`Objective.count_items`) summed over the micro-batches and the processes."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        local = sum(self.objective.count_items(batch) for batch in batch_samples)
+        return batch_samples, sum_across_processes(local)
+
+    def _share(self, inputs, num_items_in_batch) -> float:
+        """The weight of a micro-batch's mean loss: its items × processes ÷ the step's global items.
+
+        Summed over the micro-batches of all processes (after DDP's average over processes) the
+        shares make the step's loss the mean over the global items -- every example, or every
+        valid token, weighs the same however the global batch is split. Without a count (a direct
+        call outside the training loop): 1, the micro-batch's own mean.
+        """
+        if num_items_in_batch is None:
+            return 1.0
+        total = float(num_items_in_batch)
+        return self.objective.count_items(inputs) * self._processes / total if total > 0 else 0.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
@@ -101,6 +147,7 @@ class ObjectiveMixin:
         for key, value in logs.items():  # each key is averaged over the steps that reported it
             self._sums[key] += value
             self._counts[key] += 1
+        loss = loss * self._share(inputs, num_items_in_batch)
         return (loss, None) if return_outputs else loss
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -116,14 +163,21 @@ class ObjectiveMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averages of the objective's values since the last log to a training log."""
         if "loss" in logs and self._counts:
-            for key, total in self._sums.items():
-                logs[key] = total / self._counts[key]
-            self._sums.clear()
-            self._counts.clear()
+            averages = {key: total / self._counts[key] for key, total in self._sums.items()}
             hits = getattr(self.objective, "cache_hits", None)
             if hits is not None:
-                logs["teacher_cache_hits"] = float(hits)
+                averages["teacher_cache_hits"] = float(hits)
+            if self._processes > 1:  # every process logs: the mean over the processes
+                averages = mean_logs_across_processes(averages)
+            logs.update(averages)
+            self._sums.clear()
+            self._counts.clear()
         super().log(logs, start_time)
+
+
+def _global_batch(objective) -> bool:
+    config = getattr(getattr(objective, "task", objective), "config", None)
+    return bool(config is not None and config.global_batch)
 
 
 class BALoRATrainer(ObjectiveMixin, Trainer):

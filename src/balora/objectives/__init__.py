@@ -3,7 +3,9 @@
 ``loss`` is the 0-dim training loss of the batch, task loss included; ``logs`` maps names to
 floats (``task_loss``, ``reg_*``, ``lambda_*``, ...) for the trainer to average and report.
 An objective also has ``teacher`` (a :class:`~balora.teacher.SnapshotTeacher` or None),
-``needs_teacher`` and ``batch_level_terms``. The λ weights and schedules are one shared
+``needs_teacher``, ``batch_level_terms``, ``count_items(inputs)`` (the examples or valid tokens
+the loss averages over, which the trainer sums over micro-batches and processes to normalise by
+the global count) and ``across_processes`` (set by the trainer). The λ weights and schedules are one shared
 component (:mod:`balora.objectives.lambdas`).
 
 * :class:`ClassificationObjective` -- eq. 4-7 on (N, D) logits, regression included;
@@ -38,6 +40,13 @@ class Objective(Protocol):
 
     @property
     def batch_level_terms(self) -> tuple[str, ...]: ...
+
+    #: True when the trainer runs on several processes (``regularizers.global_batch`` then gathers)
+    across_processes: bool
+
+    def count_items(self, inputs) -> int:
+        """What the loss of a batch averages over: examples (classification), valid tokens (generation)."""
+        ...
 
     def __call__(self, model: nn.Module, inputs, *, step: int = 0,
                  total_steps: int = 1) -> tuple[torch.Tensor, dict[str, float]]: ...

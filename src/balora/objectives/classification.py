@@ -20,7 +20,10 @@ D = 1 (a softmax over one class, a 1×1 covariance, a single singular value). Co
 the MSE between teacher and student predictions; diversity and SVD are skipped (logged once).
 
 The covariance and SVD terms are batch-level: under gradient accumulation they are computed per
-micro-batch (the trainer says so once).
+micro-batch (the trainer says so once). With several processes they are computed on each
+process's micro-batch, or, with ``regularizers.global_batch``, on the logits of every process
+gathered with their gradients (:func:`balora.distributed.gather_rows`), which equals the
+one-process value on the global batch.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from balora.distributed import gather_rows
 from balora.objectives.lambdas import LambdaWeights
 from balora.regularizers import formulas
 from balora.regularizers.common import check_finite
@@ -64,6 +68,9 @@ class ClassificationObjective:
         self.teacher = teacher
         self.use_teacher_cache = teacher_cache
         self._cache: TeacherFeatureCache | None = None
+        #: set by the trainer when it runs on several processes: the batch-level terms then gather
+        #: the logits of all processes when ``regularizers.global_batch`` is on
+        self.across_processes = False
         if self.config is None:
             return
         if self.regression:
@@ -101,6 +108,14 @@ class ClassificationObjective:
             names.append("svd")
         return tuple(names)
 
+    @staticmethod
+    def count_items(inputs: Mapping[str, torch.Tensor]) -> int:
+        """The examples of a batch (N): what the task loss and the per-example terms average over."""
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("classification batches need 'labels'")
+        return int(labels.shape[0])
+
     def svd_k(self, n_rows: int) -> int:
         """k of eq. 7 for an (n_rows, D) batch under the configured policy."""
         rank = min(n_rows, self.num_labels)
@@ -132,6 +147,9 @@ class ClassificationObjective:
         logits = outputs.logits  # (N, D)
         total = logits.new_zeros((), dtype=torch.float32)
         c = self.config
+        batch_level = lam.svd > 0 or (lam.diversity > 0 and c.diversity_kind == "covariance")
+        gather = batch_level and c.global_batch and self.across_processes
+        batch_logits = gather_rows(logits) if gather else logits  # (N_global, D) or (N, D)
         if lam.consistency > 0:
             teacher_logits = self._teacher_logits(model, batch, example_ids)
             if self.regression:
@@ -145,11 +163,11 @@ class ClassificationObjective:
             if c.diversity_kind == "entropy":
                 dr = formulas.topk_entropy_diversity_loss(logits, top_k=c.top_k)
             else:
-                dr = formulas.covariance_diversity_loss(logits)
+                dr = formulas.covariance_diversity_loss(batch_logits)
             total = total + lam.diversity * dr
             logs["reg_diversity"] = dr.item()
         if lam.svd > 0:
-            sv = formulas.svd_loss(logits, k=self.svd_k(logits.shape[0]), normalize=c.svd_normalize)
+            sv = formulas.svd_loss(batch_logits, k=self.svd_k(batch_logits.shape[0]), normalize=c.svd_normalize)
             total = total + lam.svd * sv
             logs["reg_svd"] = sv.item()
         return task_loss + total.to(task_loss.dtype), logs

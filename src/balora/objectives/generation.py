@@ -30,6 +30,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from balora.distributed import gather_rows
 from balora.objectives.lambdas import LambdaWeights
 from balora.regularizers.common import IGNORE_INDEX, check_finite
 from balora.regularizers.tokens import (
@@ -93,6 +94,22 @@ def teacher_hidden_states(model: nn.Module, inputs: Mapping[str, torch.Tensor]) 
     return decoder(**model_inputs(inputs), use_cache=False).last_hidden_state
 
 
+def valid_targets(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The next-token target of every position (B, T), -100 where no response token is predicted.
+
+    From the unshifted ``labels`` (B, T); padding (``attention_mask`` 0) and, in a packed batch,
+    the last token of each document (``position_ids`` restart at 0 after it) predict nothing.
+    """
+    if "labels" not in inputs:
+        raise ValueError("generation batches need 'labels' (-100 on prompt and padding tokens)")
+    targets = next_token_targets(inputs["labels"])
+    if inputs.get("attention_mask") is not None:
+        targets = targets.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+    if inputs.get("position_ids") is not None:  # packed: the last token of a document predicts nothing
+        targets[:, :-1] = targets[:, :-1].masked_fill(inputs["position_ids"][:, 1:] == 0, IGNORE_INDEX)
+    return targets
+
+
 class GenerationObjective:
     """Task cross-entropy plus BA-LoRA's generation regularisers, over the valid tokens.
 
@@ -119,6 +136,9 @@ class GenerationObjective:
         self._r_cache = QRFactorCache()
         self._checked_head = False
         self._said_fallback = False
+        #: set by the trainer when it runs on several processes: the SVD term then gathers the
+        #: valid-token hidden states of all processes when ``regularizers.global_batch`` is on
+        self.across_processes = False
 
     @property
     def needs_teacher(self) -> bool:
@@ -128,6 +148,11 @@ class GenerationObjective:
     def batch_level_terms(self) -> tuple[str, ...]:
         """Terms computed on the whole (micro-)batch rather than per token."""
         return ("svd",) if self.weights.svd else ()
+
+    @staticmethod
+    def count_items(inputs: Mapping[str, torch.Tensor]) -> int:
+        """The valid tokens of a batch (M): what the cross-entropy and the token-level terms average over."""
+        return int((valid_targets(inputs) != IGNORE_INDEX).sum())
 
     # ------------------------------------------------------------------ pieces
 
@@ -180,14 +205,8 @@ class GenerationObjective:
             inputs: ``input_ids`` (B, T), ``attention_mask`` (B, T), ``labels`` (B, T) unshifted.
             step, total_steps: position in training, for the λ schedules.
         """
-        if "labels" not in inputs:
-            raise ValueError("generation batches need 'labels' (-100 on prompt and padding tokens)")
         lam = self.weights.at(step, total_steps)
-        targets = next_token_targets(inputs["labels"])
-        if inputs.get("attention_mask") is not None:
-            targets = targets.masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
-        if inputs.get("position_ids") is not None:  # packed: the last token of a document predicts nothing
-            targets[:, :-1] = targets[:, :-1].masked_fill(inputs["position_ids"][:, 1:] == 0, IGNORE_INDEX)
+        targets = valid_targets(inputs)
         valid = targets != IGNORE_INDEX  # (B, T)
         m = int(valid.sum())
 
@@ -234,7 +253,11 @@ class GenerationObjective:
         return loss, logs
 
     def _svd_term(self, h: torch.Tensor, head_module: nn.Module, linear: LinearHead | None) -> torch.Tensor:
+        """Eq. 12 on the valid-token hidden states ``h`` (M, d): of this process, or of all
+        processes (gathered with their gradients) under ``regularizers.global_batch``."""
         c = self.config
+        if c.global_batch and self.across_processes:
+            h = gather_rows(h)  # (M_global, d): the head is applied after the gather
         exact_ok = linear is not None and linear.frozen
         if c.svd_solver == "exact" and not exact_ok:
             raise ValueError("regularizers svd_solver='exact' needs a frozen, un-adapted linear output head")

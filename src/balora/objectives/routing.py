@@ -372,6 +372,18 @@ class RoutingObjective:
         return self.task.batch_level_terms
 
     @property
+    def across_processes(self) -> bool:
+        return self.task.across_processes
+
+    @across_processes.setter
+    def across_processes(self, value: bool) -> None:
+        self.task.across_processes = value
+
+    def count_items(self, inputs: Mapping[str, torch.Tensor]) -> int:
+        """The task objective's count (examples or valid tokens) of a task batch."""
+        return self.task.count_items(inputs)
+
+    @property
     def cache_hits(self) -> int | None:
         """The task objective's teacher-cache hits (classification), for the trainer's logs."""
         return getattr(self.task, "cache_hits", None)
