@@ -169,3 +169,19 @@ def test_num_processes_checks_the_config_before_launching(tmp_path, capsys):
     assert main(["train", f"output_dir={tmp_path}", "--num-processes", "0"]) == 2
     assert main(["train", f"output_dir={tmp_path}", "--accelerate-config", str(tmp_path / "none.yaml")]) == 2
     assert not any(tmp_path.iterdir())
+
+
+def test_the_shipped_fsdp_config_refuses_a_run_that_needs_the_teacher(tiny_model_dir, tmp_path):
+    from conftest import tiny_classifier_overrides, write_task_files
+
+    train_file, eval_file = write_task_files(tmp_path)
+    overrides = tiny_classifier_overrides(tiny_model_dir, tmp_path / "runs", train_file, eval_file)  # balora: λ1 > 0
+    fsdp = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    done = subprocess.run([sys.executable, "-m", "balora", "train", *overrides, "--accelerate-config", str(fsdp),
+                           "--num-processes", "2", "--no-progress"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("balora: error:")]
+    assert errors and all("cannot run under FSDP" in line and SUPPORTED_TEACHER_MODES in line for line in errors)
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()  # refused before the run directory
