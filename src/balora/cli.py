@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_experiment_parser(sub)
     _add_calibrate_parser(sub)
     _add_merge_parser(sub)
+    _add_teacher_parser(sub)
 
     config = sub.add_parser(
         "config", help="list every run-config key with its type, default and help",
@@ -114,6 +115,42 @@ def _calibrate(args) -> int:
           f"(mode {result.mode}, target share {result.target_share:g}):\n")
     print(result.table())
     print("\nset: " + " ".join(f"regularizers.lambda_{t}={v:.4g}" for t, v in result.proposed.items()))
+    return 0
+
+
+def _add_teacher_parser(sub) -> None:
+    parser = sub.add_parser("teacher", help="precompute the sparse teacher of a generation run")
+    actions = parser.add_subparsers(dest="teacher_command", required=True)
+    precompute = actions.add_parser(
+        "precompute", help="run the frozen teacher once over the training set and store its top-K",
+        description="Run the pre-trained model of a generation config once over the run's training set and "
+                    "store, per response token, the top-K log-probabilities at regularizers.temperature, their "
+                    "token ids and the log of the remaining mass. Train with regularizers.teacher=precomputed "
+                    "regularizers.teacher_path=DIR (no teacher forward). An interrupted precompute resumes.")
+    precompute.add_argument("config", nargs="?", help="YAML run config (family: generation)")
+    precompute.add_argument("overrides", nargs="*", help="key=value overrides (the run's own: same data and seed)")
+    precompute.add_argument("--output", required=True, metavar="DIR", help="the store's directory (new)")
+    precompute.add_argument("--top-k", type=int, default=64, metavar="K", help="teacher tokens kept per position (64)")
+    precompute.add_argument("--batch-size", type=int, default=8, metavar="N", help="examples per forward (8)")
+    precompute.add_argument("--no-progress", action="store_true")
+
+
+def _teacher(args) -> int:
+    from balora.precomputed_teacher import PrecomputedTeacher, precompute_teacher
+
+    if args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    config = load_config(args.config, args.overrides)
+    out = precompute_teacher(config, args.output, top_k=args.top_k, batch_size=args.batch_size,
+                             progress=not args.no_progress)
+    store = PrecomputedTeacher(out)
+    tokens = store.meta["tokens"]
+    print(f"\nprecomputed teacher: {out}\n{tokens} tokens of {store.meta['examples']} examples, top-{store.top_k} at "
+          f"T={store.temperature:g}, {store.nbytes / 1e6:.1f} MB ({store.nbytes / max(tokens, 1):.0f} bytes per token)")
+    print(f"train with: regularizers.teacher=precomputed regularizers.teacher_path={out}")
     return 0
 
 
@@ -405,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
             return _experiment(args)
         if args.command == "calibrate":
             return _calibrate(args)
+        if args.command == "teacher":
+            return _teacher(args)
         if args.command == "merge":
             return _merge(args)
         return _train(args) if args.command == "train" else _demo(args)

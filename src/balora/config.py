@@ -155,6 +155,13 @@ class RegularizerConfig:
         False, family=CLASSIFICATION,
         help="cache the frozen teacher's pooled head input per training example (one teacher "
              "forward per example instead of one per step); needs a head on pooled features")
+    teacher: str = option(
+        "exact", family=GENERATION,
+        help="the frozen teacher of the consistency term: exact (the snapshot teacher, a forward per step) | "
+             "precomputed (top-K log-probabilities stored by `balora teacher precompute`, no teacher forward; "
+             "consistency_kind kl only)")
+    teacher_path: str | None = option(
+        family=GENERATION, help="teacher: precomputed: the directory `balora teacher precompute` wrote")
     svd_k_policy: str = option(
         "clamp", family=CLASSIFICATION,
         help="SVD term with svd_k >= number of classes D: clamp (k = D-1, logged once, so the "
@@ -203,6 +210,14 @@ class RegularizerConfig:
             _choice(self.svd_normalize, "regularizers.svd_normalize", SVD_NORMALIZATIONS)
         _choice(self.svd_k_policy, "regularizers.svd_k_policy", SVD_K_POLICIES)
         _choice(self.svd_solver, "regularizers.svd_solver", SVD_SOLVERS)
+        _choice(self.teacher, "regularizers.teacher", ("exact", "precomputed"))
+        if self.teacher == "precomputed":
+            if not self.teacher_path:
+                raise ConfigError("regularizers.teacher=precomputed needs regularizers.teacher_path "
+                                  "(the directory of `balora teacher precompute CONFIG --output DIR`)")
+            if self.consistency_kind != "kl":
+                raise ConfigError("regularizers.teacher=precomputed stores the teacher's top-K log-probabilities: "
+                                  f"consistency_kind must be kl, got {self.consistency_kind}")
         _choice(self.lambdas, "regularizers.lambdas", ("fixed", "auto"))
         _choice(self.calibration_mode, "regularizers.calibration_mode", ("scale", "shares"))
         if self.calibration_share <= 0:
@@ -691,6 +706,8 @@ _REGULARIZER_USES: dict[str, tuple[Callable[[RegularizerConfig], bool], str]] = 
                     "consistency_kind=kl and lambda_consistency > 0"),
     "consistency_schedule": (lambda r: r.lambda_consistency > 0, "lambda_consistency > 0"),
     "teacher_cache": (lambda r: r.lambda_consistency > 0, "lambda_consistency > 0"),
+    "teacher": (lambda r: r.lambda_consistency > 0, "lambda_consistency > 0"),
+    "teacher_path": (lambda r: r.lambda_consistency > 0, "lambda_consistency > 0"),
     "diversity_kind": (lambda r: r.lambda_diversity > 0, "lambda_diversity > 0"),
     "top_k": (lambda r: r.lambda_diversity > 0 and r.diversity_kind == "entropy",
               "diversity_kind=entropy and lambda_diversity > 0"),

@@ -80,6 +80,9 @@ def build_objective(config, model: nn.Module, *, num_labels: int | None = None, 
             objective, general, family=config.family, epsilon_kl=routing.epsilon_kl, epsilon_l2=routing.epsilon_l2,
             general_ratio=routing.general_ratio, chunk_size=config.train.loss_chunk_size, num_labels=num_labels,
         )
+    precomputed = getattr(getattr(objective, "task", objective), "precomputed", None)
+    if precomputed is not None:
+        precomputed.check(config)  # made for this run's model, data, seed and temperature
     if objective.needs_teacher:
         objective.teacher = SnapshotTeacher(model)
     return objective

@@ -10,7 +10,9 @@ averaged over the M valid tokens -- the positions whose NEXT token is a response
 regularisers.
 
 The model runs once for the student (through its wrapper, so DDP still synchronises gradients)
-and, when λ1 > 0, once more as the frozen teacher (:class:`~balora.teacher.SnapshotTeacher`).
+and, when λ1 > 0, once more as the frozen teacher (:class:`~balora.teacher.SnapshotTeacher`) --
+or not at all with ``regularizers.teacher: precomputed``, whose top-K log-probabilities are read
+per ``example_id`` from a store (:mod:`balora.precomputed_teacher`).
 Neither forward applies the output head to every position: the model is asked for its final
 hidden states and for the logits of the last position only (``logits_to_keep=1``), and the
 head is applied to the M valid rows only, chunk by chunk (:func:`balora.regularizers.tokens.head_objective`).
@@ -132,6 +134,12 @@ class GenerationObjective:
         if self.config is not None and (self.config.diversity_kind != "entropy" or self.config.svd_normalize != "frobenius"):
             raise ValueError("generation uses diversity_kind='entropy' (eq. 10-11) and svd_normalize='frobenius' (eq. 12)")
         self.teacher = teacher
+        #: the precomputed sparse teacher (``regularizers.teacher: precomputed``): no teacher forward
+        self.precomputed = None
+        if self.config is not None and self.config.teacher == "precomputed" and self.weights.consistency > 0:
+            from balora.precomputed_teacher import PrecomputedTeacher
+
+            self.precomputed = PrecomputedTeacher(self.config.teacher_path)
         self.chunk_size = chunk_size
         self._r_cache = QRFactorCache()
         self._checked_head = False
@@ -142,7 +150,8 @@ class GenerationObjective:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.weights.consistency > 0
+        """A snapshot teacher is needed: λ1 > 0 and no precomputed teacher."""
+        return self.weights.consistency > 0 and self.precomputed is None
 
     @property
     def batch_level_terms(self) -> tuple[str, ...]:
@@ -216,8 +225,12 @@ class GenerationObjective:
         h = hidden[valid]  # (M, d)
         tgt = targets[valid]  # (M,)
 
-        teacher_hidden = teacher_logits = None
-        if lam.consistency > 0:
+        teacher_hidden = teacher_logits = teacher_topk = None
+        if lam.consistency > 0 and self.precomputed is not None:
+            if inputs.get("example_id") is None:
+                raise ValueError("the precomputed teacher needs the batches' 'example_id' (from encode_sft)")
+            teacher_topk = self.precomputed.rows(inputs["example_id"], valid.sum(1), device=h.device)
+        elif lam.consistency > 0:
             if self.teacher is None:
                 raise ValueError("the consistency regulariser needs a teacher (SnapshotTeacher)")
             with self.teacher.active(model) as pretrained:
@@ -231,7 +244,7 @@ class GenerationObjective:
         scale = 1.0 / max(m, 1)
         fused = linear if (linear is not None and linear.frozen) else head_module
         loss, sums = head_objective(
-            h, tgt, fused, teacher_hidden=teacher_hidden, teacher_logits=teacher_logits,
+            h, tgt, fused, teacher_hidden=teacher_hidden, teacher_logits=teacher_logits, teacher_topk=teacher_topk,
             weights=(scale, lam.consistency * scale, lam.diversity * scale),
             temperature=c.temperature if c else 2.0, top_k=c.top_k if c else 20,
             consistency_kind=c.consistency_kind if c else "kl", chunk_size=self.chunk_size,

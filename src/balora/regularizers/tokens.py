@@ -208,6 +208,90 @@ class ConsistencyTerm(TokenTerm):
         return value
 
 
+@dataclass
+class TopKTeacher:
+    """A teacher distribution kept sparse: per token its top-K log-probabilities at temperature T
+    and the log of the mass left outside them (what :mod:`balora.precomputed_teacher` stores).
+
+    ``indices`` (M, K) long, ``logprobs`` (M, K) float, log softmax(z/T) at those indices;
+    ``rest`` (M,) float, log(1 − Σ_K p) (−inf when the top-K hold all the mass).
+    """
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    rest: torch.Tensor
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, *, temperature: float, top_k: int) -> "TopKTeacher":
+        """The top-K of log softmax(``logits``/T) of (M, V) logits, and the log of the rest (exact)."""
+        check_int(top_k, "top_k")
+        log_p = (logits.to(compute_dtype(logits)) / temperature).log_softmax(-1)
+        top = log_p.topk(min(top_k, log_p.shape[-1]), dim=-1)
+        rest = log_p.scatter(1, top.indices, float("-inf")).logsumexp(-1)  # stable, not log(1 - Σ p)
+        return cls(top.indices, top.values, rest)
+
+    def rounded_to_half(self) -> "TopKTeacher":
+        """The log-probabilities rounded to float16 (how a store keeps them) and the rest's mass
+        recomputed from the rounded ones (in float64), so the K + 1 buckets still sum to 1: a
+        rounding error then moves the KL at second order only, not at first (a near-uniform
+        teacher's KL is smaller than the first-order error of float16 log-probabilities)."""
+        logprobs = self.logprobs.to(torch.float16)
+        left = 1.0 - logprobs.double().exp().sum(-1)
+        rest = torch.where(left > 0, left.clamp_min(1e-300).log(), torch.full_like(left, float("-inf")))
+        return TopKTeacher(self.indices, logprobs, rest.to(torch.float32))
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def rows(self, start: int, stop: int) -> "TopKTeacher":
+        return TopKTeacher(self.indices[start:stop], self.logprobs[start:stop], self.rest[start:stop])
+
+
+class SparseConsistencyTerm(TokenTerm):
+    """Σ T²·KL(p ‖ q) of eq. 9 with the teacher p known only through its top-K and the rest's mass:
+    the KL between the (K+1)-bucket coarsenings of p and q = softmax(s/T) (the K tokens, and one
+    bucket for everything else), which is at most the full KL (data processing) and equals it when
+    the top-K hold all the teacher's mass. ``t`` is the chunk's :class:`TopKTeacher`.
+
+    ∂/∂s_j = T·(q_j − p_j) on the teacher's top-K tokens and T·q_j·(1 − p_rest/q_rest) elsewhere.
+    """
+
+    name = "consistency"
+    uses_teacher = True
+
+    def __init__(self, temperature: float = 2.0):
+        self.temperature = float(temperature)
+
+    def _log_q(self, s: torch.Tensor, teacher: TopKTeacher) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        log_q = (s / self.temperature).log_softmax(-1)  # (C, V)
+        idx = teacher.indices.long()
+        log_q_rest = log_q.scatter(1, idx, float("-inf")).logsumexp(-1)  # (C,)
+        return log_q, log_q.gather(1, idx), log_q_rest
+
+    def _kl(self, teacher: TopKTeacher, log_q_top: torch.Tensor, log_q_rest: torch.Tensor) -> torch.Tensor:
+        log_p, rest = teacher.logprobs.to(log_q_top.dtype), teacher.rest.to(log_q_top.dtype)
+        top = (log_p.exp() * (log_p - log_q_top)).sum(-1)
+        p_rest = rest.exp()
+        tail = torch.where(p_rest > 0, p_rest * (rest - log_q_rest), torch.zeros_like(p_rest))
+        return (self.temperature**2) * (top + tail).sum()
+
+    def value(self, s, t, targets):
+        _, log_q_top, log_q_rest = self._log_q(s, t)
+        return self._kl(t, log_q_top, log_q_rest)
+
+    def value_and_add_grad(self, s, t, targets, g, weight):
+        log_q, log_q_top, log_q_rest = self._log_q(s, t)
+        value = self._kl(t, log_q_top, log_q_rest)
+        p_rest = t.rest.to(log_q.dtype).exp()
+        scale = 1.0 - torch.where(p_rest > 0, (t.rest.to(log_q.dtype) - log_q_rest).exp(), torch.zeros_like(p_rest))
+        q = log_q.exp_()  # (C, V), in place: log_q is not needed any more
+        idx = t.indices.long()
+        top_grad = q.gather(1, idx) - t.logprobs.to(q.dtype).exp()  # (C, K)
+        q.mul_(scale[:, None]).scatter_(1, idx, top_grad)
+        g.add_(q, alpha=weight * self.temperature)
+        return value
+
+
 class TopKEntropyTerm(TokenTerm):
     """Σ Σ_v p_v log p_v, p = softmax of the row's top-K logits (eq. 10-11).
     ∂/∂s_j = p_j·(log p_j − Σ p log p) on the top-K entries j, 0 elsewhere."""
@@ -236,7 +320,7 @@ class _FusedFrozenHead(torch.autograd.Function):
     its share of g = Σ w·∂term/∂s, then ∂/∂h = g·W. No C × V tensor outlives its chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, teacher_hidden, targets, weight, bias, terms, chunk_size):
+    def forward(ctx, hidden, teacher_hidden, teacher_topk, targets, weight, bias, terms, chunk_size):
         dtype = compute_dtype(hidden)
         head = LinearHead(weight, bias, frozen=True)
         m, d = hidden.shape
@@ -248,7 +332,10 @@ class _FusedFrozenHead(torch.autograd.Function):
             s = head.logits(hidden[start:stop], dtype)  # (C, V)
             g = torch.zeros_like(s)
             for i, (term, w) in enumerate(terms):
-                t = head.logits(teacher_hidden[start:stop], dtype) if term.uses_teacher else None
+                t = None
+                if term.uses_teacher:
+                    t = (teacher_topk.rows(start, stop) if teacher_topk is not None
+                         else head.logits(teacher_hidden[start:stop], dtype))
                 sums[i] += term.value_and_add_grad(s, t, targets[start:stop], g, w).double()
                 del t
             del s
@@ -263,10 +350,10 @@ class _FusedFrozenHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.hidden_dtype), None, None, None, None, None, None
+        return (grad * grad_loss).to(ctx.hidden_dtype), None, None, None, None, None, None, None
 
 
-def _generic_chunks(hidden, targets, head, teacher_logits, terms, chunk_size):
+def _generic_chunks(hidden, targets, head, teacher_logits, terms, chunk_size, teacher_topk=None):
     """Autograd through ``head`` (any module, or a trainable LinearHead), chunk by chunk."""
     dtype = compute_dtype(hidden)
     total = hidden.new_zeros((), dtype=dtype)
@@ -275,7 +362,10 @@ def _generic_chunks(hidden, targets, head, teacher_logits, terms, chunk_size):
         stop = min(start + chunk_size, hidden.shape[0])
         h = hidden[start:stop]
         s = head.logits(h, dtype) if isinstance(head, LinearHead) else head(h).to(dtype)
-        t = None if teacher_logits is None else teacher_logits[start:stop].detach().to(dtype)
+        if teacher_topk is not None:
+            t = teacher_topk.rows(start, stop)
+        else:
+            t = None if teacher_logits is None else teacher_logits[start:stop].detach().to(dtype)
         for i, (term, w) in enumerate(terms):
             value = term.value(s, t if term.uses_teacher else None, targets[start:stop])
             total = total + w * value
@@ -291,6 +381,7 @@ def head_objective(
     *,
     teacher_hidden: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    teacher_topk: TopKTeacher | None = None,
     weights: tuple[float, float, float] = (1.0, 0.0, 0.0),
     temperature: float = 2.0,
     top_k: int = 20,
@@ -307,7 +398,11 @@ def head_objective(
             chunk) or any module mapping (C, d) -> (C, V) (generic autograd path).
         teacher_hidden: (M, d) teacher hidden states (frozen linear head only: the teacher shares
             the frozen head), or
-        teacher_logits: (M, V) teacher logits (generic path). Neither: no consistency term.
+        teacher_logits: (M, V) teacher logits (generic path), or
+        teacher_topk: the teacher's top-K log-probabilities at temperature T and the rest's mass
+            (a precomputed teacher, :class:`TopKTeacher` of M rows): the consistency term is then
+            the bucketed KL of :class:`SparseConsistencyTerm` (``kl`` only). None of the three:
+            no consistency term.
         weights: (w_ce, w_consistency, w_entropy) multiplying the three SUMS, e.g. (1/M, λ1/M, λ2/M).
         temperature: T of eq. 9. top_k: K of eq. 10-11.
         consistency_kind: one of :data:`CONSISTENCY_KINDS` (``kl`` = eq. 9).
@@ -323,9 +418,16 @@ def head_objective(
     check_int(chunk_size, "chunk_size")
     w_ce, w_cr, w_ent = (float(w) for w in weights)
     with_entropy = (w_ent != 0.0) if with_entropy is None else with_entropy
-    with_teacher = teacher_hidden is not None or teacher_logits is not None
+    if sum(x is not None for x in (teacher_hidden, teacher_logits, teacher_topk)) > 1:
+        raise ValueError("pass one of teacher_hidden, teacher_logits and teacher_topk")
     terms = [(CrossEntropyTerm(), w_ce)]
-    if with_teacher:
+    if teacher_topk is not None:
+        if consistency_kind != "kl":
+            raise ValueError(f"a top-K teacher supports consistency_kind='kl' only, got {consistency_kind!r}")
+        if len(teacher_topk) != hidden.shape[0]:
+            raise ValueError(f"teacher_topk has {len(teacher_topk)} rows for {hidden.shape[0]} tokens")
+        terms.append((SparseConsistencyTerm(temperature), w_cr))
+    elif teacher_hidden is not None or teacher_logits is not None:
         terms.append((ConsistencyTerm(consistency_kind, temperature), w_cr))
     if with_entropy:
         terms.append((TopKEntropyTerm(top_k), w_ent))
@@ -335,7 +437,7 @@ def head_objective(
     fused = isinstance(head, LinearHead) and head.frozen and teacher_logits is None
     if fused:
         loss, sums = _FusedFrozenHead.apply(
-            hidden, None if teacher_hidden is None else teacher_hidden.detach(), targets,
+            hidden, None if teacher_hidden is None else teacher_hidden.detach(), teacher_topk, targets,
             head.weight.detach(), None if head.bias is None else head.bias.detach(), tuple(terms), chunk_size,
         )
     else:
@@ -343,7 +445,7 @@ def head_objective(
             if not isinstance(head, LinearHead):
                 raise ValueError("teacher_hidden needs a LinearHead; pass teacher_logits for other heads")
             teacher_logits = head.logits(teacher_hidden.detach(), compute_dtype(hidden))
-        loss, sums = _generic_chunks(hidden, targets, head, teacher_logits, terms, chunk_size)
+        loss, sums = _generic_chunks(hidden, targets, head, teacher_logits, terms, chunk_size, teacher_topk)
     by_name = dict(zip((term.name for term, _ in terms), sums.tolist()))
     return loss, TokenSums(by_name["cross_entropy"], by_name.get("consistency", 0.0),
                            by_name.get("neg_entropy", 0.0), m)
