@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-math test venv assets assets-large clean bench bench-generation
+.PHONY: demo demo-math test venv assets assets-large clean bench bench-generation bench-teacher
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench: $(STAMP)
 
 bench-generation: $(STAMP)
 	$(PY) benchmarks/bench_generation.py
+
+bench-teacher: $(STAMP)
+	$(PY) benchmarks/bench_precomputed_teacher.py --examples 16 --length 256 --batch-size 4 --ks 16,64,256,1024 --steps 3
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

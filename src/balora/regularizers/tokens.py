@@ -262,11 +262,17 @@ class SparseConsistencyTerm(TokenTerm):
     def __init__(self, temperature: float = 2.0):
         self.temperature = float(temperature)
 
-    def _log_q(self, s: torch.Tensor, teacher: TopKTeacher) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        log_q = (s / self.temperature).log_softmax(-1)  # (C, V)
-        idx = teacher.indices.long()
-        log_q_rest = log_q.scatter(1, idx, float("-inf")).logsumexp(-1)  # (C,)
-        return log_q, log_q.gather(1, idx), log_q_rest
+    def _scaled(self, s: torch.Tensor, teacher: TopKTeacher) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u = s/T (C, V), lse(u) (C,), log q at the teacher's top-K (C, K), log q_rest (C,)).
+
+        q_rest = 1 − Σ_K q is summed in float64 from the K values (no second pass over the C × V
+        chunk); it is clamped at 1e-30 where the student puts all its mass in the teacher's top-K.
+        """
+        u = s / self.temperature
+        lse = u.logsumexp(-1)
+        log_q_top = u.gather(1, teacher.indices.long()) - lse[:, None]
+        left = 1.0 - log_q_top.double().exp().sum(-1)
+        return u, lse, log_q_top, left.clamp_min(1e-30).log().to(u.dtype)
 
     def _kl(self, teacher: TopKTeacher, log_q_top: torch.Tensor, log_q_rest: torch.Tensor) -> torch.Tensor:
         log_p, rest = teacher.logprobs.to(log_q_top.dtype), teacher.rest.to(log_q_top.dtype)
@@ -276,18 +282,17 @@ class SparseConsistencyTerm(TokenTerm):
         return (self.temperature**2) * (top + tail).sum()
 
     def value(self, s, t, targets):
-        _, log_q_top, log_q_rest = self._log_q(s, t)
+        _, _, log_q_top, log_q_rest = self._scaled(s, t)
         return self._kl(t, log_q_top, log_q_rest)
 
     def value_and_add_grad(self, s, t, targets, g, weight):
-        log_q, log_q_top, log_q_rest = self._log_q(s, t)
+        u, lse, log_q_top, log_q_rest = self._scaled(s, t)
         value = self._kl(t, log_q_top, log_q_rest)
-        p_rest = t.rest.to(log_q.dtype).exp()
-        scale = 1.0 - torch.where(p_rest > 0, (t.rest.to(log_q.dtype) - log_q_rest).exp(), torch.zeros_like(p_rest))
-        q = log_q.exp_()  # (C, V), in place: log_q is not needed any more
-        idx = t.indices.long()
-        top_grad = q.gather(1, idx) - t.logprobs.to(q.dtype).exp()  # (C, K)
-        q.mul_(scale[:, None]).scatter_(1, idx, top_grad)
+        rest = t.rest.to(u.dtype)
+        scale = 1.0 - torch.where(rest > float("-inf"), (rest - log_q_rest).exp(), torch.zeros_like(rest))
+        q = u.sub_(lse[:, None]).exp_().mul_(scale[:, None])  # (C, V) in place: q·(1 − p_rest/q_rest)
+        top_grad = log_q_top.exp() - t.logprobs.to(u.dtype).exp()  # (C, K): q − p on the top-K
+        q.scatter_(1, t.indices.long(), top_grad)
         g.add_(q, alpha=weight * self.temperature)
         return value
 
