@@ -185,3 +185,23 @@ def test_the_shipped_fsdp_config_refuses_a_run_that_needs_the_teacher(tiny_model
     assert errors and all("cannot run under FSDP" in line and SUPPORTED_TEACHER_MODES in line for line in errors)
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()  # refused before the run directory
+
+
+def test_a_generation_run_on_two_processes_is_saved_and_evaluated_by_the_main_process(tiny_causal_lm_dir, tmp_path):
+    overrides = [
+        "family=generation", f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_causal_lm_dir}", "model.max_length=96",
+        "data.task=gsm-symbolic", "data.max_train_examples=8", "adapter.method=balora", "adapter.rank=4",
+        "adapter.target_modules=[q_proj,v_proj]", "train.max_steps=2", "train.batch_size=2", "train.logging_steps=1",
+        "train.save_steps=2", "train.report_to=[]", "train.loss_chunk_size=16", "eval.max_examples=3",
+        "eval.max_new_tokens=4", "eval.batch_size=3", "regularizers.consistency_schedule=constant",
+        "regularizers.focus_schedule=constant", "regularizers.global_batch=true",
+    ]
+    done = subprocess.run([sys.executable, "-m", "balora", "train", *overrides, "--num-processes", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_steps"] == 2 and "accuracy" in metrics
+    assert len((run / "predictions.jsonl").read_text().splitlines()) == 3
+    history = json.loads((run / "log_history.json").read_text())
+    assert any("reg_svd" in h for h in history) and (run / "adapter" / "adapter_config.json").is_file()
