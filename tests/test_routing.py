@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_classifier_overrides
 from peft import TaskType
 from peft.tuners.lora import LoraLayer

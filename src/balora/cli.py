@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_of(args):
+    """The run config of a command's ``config`` and ``overrides`` (a first argument with ``=`` is an override)."""
+    if args.config and "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return load_config(args.config, args.overrides)
+
+
 def _add_calibrate_parser(sub) -> None:
     from balora.calibrate import CALIBRATION_MODES, DEFAULT_TARGET_SHARE
 
@@ -102,10 +110,7 @@ def _calibrate(args) -> int:
 
     from balora.calibrate import calibrate_run
 
-    if args.config and "=" in args.config:
-        args.overrides.insert(0, args.config)
-        args.config = None
-    config = load_config(args.config, args.overrides)
+    config = _config_of(args)
     result = calibrate_run(config, batches=args.batches, drift_steps=args.drift_steps, mode=args.mode,
                            target_share=args.target_share, terms=args.terms)
     if args.json:
@@ -138,12 +143,9 @@ def _add_teacher_parser(sub) -> None:
 def _teacher(args) -> int:
     from balora.precomputed_teacher import PrecomputedTeacher, precompute_teacher
 
-    if args.config and "=" in args.config:
-        args.overrides.insert(0, args.config)
-        args.config = None
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    config = load_config(args.config, args.overrides)
+    config = _config_of(args)
     out = precompute_teacher(config, args.output, top_k=args.top_k, batch_size=args.batch_size,
                              progress=not args.no_progress)
     store = PrecomputedTeacher(out)
@@ -327,10 +329,7 @@ def _train(args) -> int:
             raise ConfigError("--resume takes the run's saved config; do not pass a config or overrides")
         result = train_run(None, resume=args.resume, progress=not args.no_progress)
     else:
-        if args.config and "=" in args.config:  # only overrides were given
-            args.overrides.insert(0, args.config)
-            args.config = None
-        config = load_config(args.config, args.overrides)
+        config = _config_of(args)
         result = train_run(config, progress=not args.no_progress)
     if not is_main_process():  # the other processes of a launched run print nothing
         return 0
@@ -364,10 +363,7 @@ def _launch_train(args) -> int:
 
         resume_config(args.resume)
     else:
-        if args.config and "=" in args.config:
-            args.overrides.insert(0, args.config)
-            args.config = None
-        check_before_loading(load_config(args.config, args.overrides), progress=False)
+        check_before_loading(_config_of(args), progress=False)
     launch = ["--num_processes", str(args.num_processes)]
     if args.accelerate_config:
         launch += ["--config_file", args.accelerate_config]
