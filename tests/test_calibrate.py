@@ -243,6 +243,7 @@ def test_lambdas_auto_trains_with_the_calibrated_lambdas_and_saves_them(tiny_mod
     cfg = yaml.safe_load((result.run_dir / "config.yaml").read_text())["regularizers"]
     assert cfg["lambdas"] == "fixed"
     assert cfg["lambda_consistency"] == pytest.approx(saved["proposed"]["consistency"])
+    assert json.loads((result.run_dir / "metrics.json").read_text())["calibrated_lambdas"] == saved["proposed"]
     logged = [h["lambda_consistency"] for h in result.log_history if "lambda_consistency" in h]
     assert logged and logged[0] == pytest.approx(saved["proposed"]["consistency"], rel=1e-5)
     load_config(str(result.run_dir / "config.yaml"))  # the saved config loads (resume reads it)

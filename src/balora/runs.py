@@ -306,6 +306,8 @@ def train_run(
         train_seconds=train_seconds, eval_seconds=time.perf_counter() - eval_start,
         global_steps=trainer.state.global_step, **family.facts,
     )
+    if calibration is not None:  # the λs this run trained with (also in config.yaml), for the experiment store
+        metrics["calibrated_lambdas"] = dict(calibration.proposed)
     write_model_card(out_dir / "adapter", config, metrics, evaluation=evaluation,
                      saved_config=out_dir / run_dir.CONFIG_FILE, data_name=data_name(config))
     run_dir.write_json(out_dir / run_dir.METRICS_FILE, metrics)
