@@ -50,7 +50,7 @@ def load_batches(args):
     return model, batches
 
 
-def adapted(model, args):
+def adapted(model):
     from peft import TaskType
 
     from balora.adapters import apply_method
@@ -61,9 +61,9 @@ def adapted(model, args):
                         TaskType.CAUSAL_LM)
 
 
-def drift(model, batches, steps: int) -> None:
+def drift(model, batches, steps: int, lr: float) -> None:
     """A few AdamW steps on the task loss: the student moves off the teacher."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args_global.drift_lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for i in range(steps):
         batch = batches[i % len(batches)]
@@ -123,7 +123,6 @@ class Mode:
 
 
 def main() -> None:
-    global args_global
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)
@@ -133,7 +132,7 @@ def main() -> None:
     parser.add_argument("--drift-lr", type=float, default=1e-4)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warm-up)")
     parser.add_argument("--skip-error", action="store_true", help="stores and step times only")
-    args = args_global = parser.parse_args()
+    args = parser.parse_args()
     import transformers
 
     from balora.precomputed_teacher import PrecomputedTeacher, precompute_teacher
@@ -164,18 +163,17 @@ def main() -> None:
             print(f"| {k} | {seconds:.1f} | {store.nbytes / 1e6:.2f} | {per_token:.0f} |")
 
         if not args.skip_error:
-            error_table(base, batches, stores, ks)
+            error_table(base, batches, stores, ks, args)
         time_table(base, batches, stores, ks, args)
 
 
-def error_table(base, batches, stores, ks) -> None:
+def error_table(base, batches, stores, ks, args) -> None:
     from balora.objectives.generation import valid_targets
     from balora.teacher import SnapshotTeacher
 
-    args = args_global
-    model = adapted(base, args)
+    model = adapted(base)
     teacher = SnapshotTeacher(model)
-    drift(model, batches, args.drift_steps)
+    drift(model, batches, args.drift_steps, args.drift_lr)
     print(f"\n## error against the exact teacher (after {args.drift_steps} AdamW steps at lr {args.drift_lr:g} "
           "on the task loss; per batch, then mean [min, max])\n")
     print("| K | consistency (exact) | relative error of the value | ‖g_K − g‖/‖g‖ | cos(g_K, g) | teacher mass in top-K |")
@@ -199,7 +197,7 @@ def time_table(base, batches, stores, ks, args) -> None:
     kl_only = dict(lambda_consistency=0.025, lambda_diversity=0.0, lambda_svd=0.0)
     full = dict(lambda_consistency=0.025, lambda_diversity=0.005, lambda_svd=0.005)
     k_time = 64 if 64 in stores else ks[0]
-    base = adapted(base, args)
+    base = adapted(base)
     modes = [Mode("pissa (cross-entropy only)", base, None, None),
              Mode("consistency, exact teacher", base, kl_only, "exact"),
              Mode(f"consistency, precomputed K={k_time}", base, kl_only, "precomputed", stores[k_time].path),
