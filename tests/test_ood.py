@@ -20,12 +20,27 @@ def test_config_cross_checks():
     for overrides, message in [
         (["data.ood_tasks=[]"], "data.ood_tasks must be a list of task names"),
         (["data.ood_tasks=[a/b]"], "data.ood_tasks must be a list of task names"),
+        (["data.ood_tasks=[a/b.txt]"], "or data files"),
+        (["data.ood_tasks=[x/yelp.tsv, y/yelp.csv]"], "names a task twice \\(a file is named by its stem\\)"),
+        (["data.task=imdb", "data.ood_tasks=[other/imdb.jsonl]"], "names the training task 'imdb' itself"),
         (["data.ood_tasks=[imdb, imdb]"], "data.ood_tasks names a task twice"),
         (["data.task=imdb", "data.ood_tasks=[imdb]"], "names the training task 'imdb' itself"),
         (["family=generation", "data.task=gsm-symbolic", "data.ood_tasks=[imdb]"], "a classification setting"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides)
+
+
+def test_file_entries_are_named_by_their_stem():
+    from balora.config import ood_name
+    from balora.data.files import data_file_stem
+
+    ok = load_config(None, ["data.task=sst2", "data.ood_tasks=[imdb, glue-x/yelp.tsv, amazon.jsonl.gz]"])
+    assert [ood_name(t) for t in ok.data.ood_tasks] == ["imdb", "yelp", "amazon"]
+    assert data_file_stem("a/b/Yelp.Test.TSV") == "Yelp.Test"
+    assert data_file_stem("x.parquet") == "x" and data_file_stem("x.parquet.gz") is None
+    assert data_file_stem("sst2-validation") is None and data_file_stem("notes.txt") is None
+    assert ood_name("a/b") is None and ood_name("rotten-tomatoes") == "rotten-tomatoes"
 
 
 def test_relabel_maps_ids_by_class_name():
@@ -51,9 +66,16 @@ def test_a_run_is_scored_on_every_ood_task(tiny_model_dir, tmp_path, one_thread)
     from balora.runs import train_run
 
     train_file, eval_file = write_task_files(tmp_path, n_train=40, n_eval=12, words=SENTIMENT_WORDS)
+    # Two OOD files: GLUE-style class ids (0 = negative, the task's first class) and a file of one class.
+    ids_file, positives_file = tmp_path / "ids.tsv", tmp_path / "positives.jsonl"
+    id_rows = [("loved superb great", 1), ("awful boring bad", 0), ("hated bad", 0), ("great wonderful", 1)]
+    ids_file.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in id_rows))
+    positives_file.write_text("".join(json.dumps({"text": t, "label": "positive"}) + "\n"
+                                      for t in ("great loved", "superb", "wonderful great")))
     overrides = [
         *tiny_classifier_overrides(tiny_model_dir, tmp_path / "runs", train_file, eval_file, max_length=32),
-        "data.max_eval_examples=20", "data.ood_tasks=[rotten-tomatoes, sst2-validation]",
+        "data.max_eval_examples=20",
+        f"data.ood_tasks=[rotten-tomatoes, sst2-validation, {ids_file}, {positives_file}]",
         "train.max_steps=2", "train.logging_steps=1", "train.batch_size=8", "train.report_to=[]",
     ]
     result = train_run(load_config(None, overrides), progress=False)
@@ -74,6 +96,12 @@ def test_a_run_is_scored_on_every_ood_task(tiny_model_dir, tmp_path, one_thread)
     truth = [names[i] for i in rows["label"]]
     accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
     assert metrics["ood/sst2-validation/accuracy"] == pytest.approx(accuracy)
+    predicted = [p["prediction"] for p in predict(result.run_dir, [t for t, _ in id_rows])]
+    truth = [names[y] for _, y in id_rows]
+    assert metrics["ood/ids/eval_examples"] == 4
+    assert metrics["ood/ids/accuracy"] == pytest.approx(sum(p == t for p, t in zip(predicted, truth)) / 4)
+    predicted = [p["prediction"] for p in predict(result.run_dir, ["great loved", "superb", "wonderful great"])]
+    assert metrics["ood/positives/recall/positive"] == pytest.approx(predicted.count("positive") / 3)
 
     record = split_metrics(metrics)
     assert record["metrics"]["ood/sst2-validation"]["accuracy"] == metrics["ood/sst2-validation/accuracy"]
@@ -84,6 +112,14 @@ def test_a_run_is_scored_on_every_ood_task(tiny_model_dir, tmp_path, one_thread)
     bad = [o for o in overrides if not o.startswith("data.ood_tasks=")] + ["data.ood_tasks=[reuters-r8]"]
     with pytest.raises(ConfigError, match="data.ood_tasks: reuters-r8 cannot be scored by a model of files: "
                                           "the classes differ"):
+        train_run(load_config(None, bad), progress=False)
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("text,label\nsomething,neutral\n")
+    bad[-1] = f"data.ood_tasks=[{wrong}]"
+    with pytest.raises(ConfigError, match="data.ood_tasks: .*wrong.csv: no usable rows left .*'unknown label': 1"):
+        train_run(load_config(None, bad), progress=False)
+    bad[-1] = f"data.ood_tasks=[{tmp_path / 'missing.csv'}]"
+    with pytest.raises(ConfigError, match="data.ood_tasks: data file not found: .*missing.csv"):
         train_run(load_config(None, bad), progress=False)
 
 

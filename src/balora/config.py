@@ -392,6 +392,15 @@ _ADAPTER_USES: dict[str, tuple[Callable[[Any], bool], str]] = {
 VALIDATION_PREFIX = "validation/"
 #: Metrics of the out-of-distribution evaluation (data.ood_tasks): ``ood/<task>/<metric>``.
 OOD_PREFIX = "ood/"
+def ood_name(entry: str) -> str | None:
+    """The name a ``data.ood_tasks`` entry is reported under (``ood/<name>/...``): a data file
+    (by its suffix, see :mod:`balora.data.files`) by its stem, ``glue-x/yelp.tsv`` -> ``yelp``; a
+    task name as it is; None for a name with a ``/`` that is not a data file."""
+    from balora.data.files import data_file_stem  # local import: the data layer is heavy
+
+    if (stem := data_file_stem(entry)) is not None:
+        return stem
+    return None if "/" in entry or "\\" in entry else entry
 
 
 @dataclass
@@ -435,8 +444,10 @@ class DataConfig:
     ood_tasks: list[str] | None = option(
         family=CLASSIFICATION,
         help="out-of-distribution evaluation: classification tasks with the same class names (any data.task "
-             "name, e.g. rotten-tomatoes, sst2-validation) whose evaluation splits the trained model is also "
-             "scored on (max_eval_examples applies), as ood/<task>/<metric>; None = none")
+             "name, e.g. rotten-tomatoes, sst2-validation, or a local CSV/TSV/JSON(L)/Parquet file of "
+             "labelled rows, e.g. a GLUE-X test set, named by its file stem) whose evaluation splits the "
+             "trained model is also scored on (max_eval_examples applies), as ood/<task>/<metric>; "
+             "None = none")
     format: str = option(
         "auto", family=GENERATION,
         help="layout of the SFT rows: auto (detected from the columns) | alpaca | metamath | "
@@ -465,12 +476,14 @@ class DataConfig:
                 raise ConfigError("data.max_train_examples cannot be combined with data.class_counts "
                                   "(which sets the training examples per class)")
         if self.ood_tasks is not None:
-            if not self.ood_tasks or any(not isinstance(t, str) or not t.strip() or "/" in t
+            if not self.ood_tasks or any(not isinstance(t, str) or not t.strip() or ood_name(t) is None
                                          for t in self.ood_tasks):
-                raise ConfigError(f"data.ood_tasks must be a list of task names (no '/'), got {self.ood_tasks}")
-            if len(set(self.ood_tasks)) != len(self.ood_tasks):
-                raise ConfigError(f"data.ood_tasks names a task twice: {self.ood_tasks}")
-            if self.task in self.ood_tasks:
+                raise ConfigError("data.ood_tasks must be a list of task names (no '/') or data files "
+                                  f"(.csv, .tsv, .json, .jsonl, .parquet), got {self.ood_tasks}")
+            names = [ood_name(t) for t in self.ood_tasks]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"data.ood_tasks names a task twice (a file is named by its stem): {self.ood_tasks}")
+            if self.task in names:
                 raise ConfigError(f"data.ood_tasks names the training task {self.task!r} itself; its "
                                   "evaluation split is already the test split")
         if self.classes is not None:

@@ -21,8 +21,10 @@ the minority class's recall), and the test split's final-layer features go to ``
 
 With ``data.ood_tasks`` the trained model is also scored on the evaluation split of each named
 task (out of distribution: e.g. trained on ``imdb``, scored on ``rotten-tomatoes`` and
-``sst2-validation``), whose classes must be the training task's (matched by name); its metrics
-are ``ood/<task>/<name>``. The OOD tasks are loaded, and their classes checked, before the model.
+``sst2-validation``), whose classes must be the training task's (matched by name), and on every
+local data file listed there (e.g. a GLUE-X test set as ``glue-x/yelp.tsv``: its labels are class
+names of the training task, or its class ids); its metrics are ``ood/<task>/<name>``, a file being
+named by its stem. The OOD tasks are loaded, and their classes checked, before the model.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from balora import run_dir
-from balora.config import OOD_PREFIX, VALIDATION_PREFIX, ConfigError, RunConfig
+from balora.config import OOD_PREFIX, VALIDATION_PREFIX, ConfigError, RunConfig, ood_name
 from balora.data import encode, load_task
-from balora.data.classification import REGRESSION, TaskData, relabel, stratified_split, subsample
+from balora.data.classification import (REGRESSION, TaskData, load_scored_file, relabel, stratified_split,
+                                        subsample)
+from balora.data.files import data_file_stem
 from balora.data.imbalance import default_classes, make_imbalanced, minority_class, restrict_classes
 from balora.evaluation.classification import classification_metrics, regression_metrics
 from balora.evaluation.features import FEATURES_FILE, final_layer_features, imbalance_metrics
@@ -135,12 +139,16 @@ class ClassificationRun:
         """The evaluation split of every ``data.ood_tasks`` task, its labels renumbered to ``task``'s
         classes; a task that cannot be loaded or has other classes is a one-line ConfigError."""
         d, out = self.config.data, {}
-        for name in d.ood_tasks or ():
+        for entry in d.ood_tasks or ():
+            name = ood_name(entry)
             try:
-                other = load_task(name, seed=self.config.train.seed, max_train_examples=1,
-                                  max_eval_examples=d.max_eval_examples)
+                other, rows = self._ood_split(entry, name, task)
             except (ValueError, OSError) as err:
-                raise ConfigError(f"data.ood_tasks: {name}: {' '.join(str(err).split())}") from None
+                where = "" if data_file_stem(entry) else f"{entry}: "  # a file's errors name it
+                raise ConfigError(f"data.ood_tasks: {where}{' '.join(str(err).split())}") from None
+            if other is None:
+                out[name] = rows
+                continue
             if task.problem_type == REGRESSION or other.problem_type == REGRESSION:
                 raise ConfigError(f"data.ood_tasks: {name}: out-of-distribution scoring needs two "
                                   "classification tasks")
@@ -148,11 +156,29 @@ class ClassificationRun:
                 raise ConfigError(f"data.ood_tasks: {name} {'has' if other.is_pair else 'has no'} text pairs, "
                                   f"{task.name} {'has' if task.is_pair else 'has none'}")
             try:
-                out[name] = relabel(other.eval, other.label_names, task.label_names)
+                out[name] = relabel(rows, other.label_names, task.label_names)
             except ValueError as err:
                 raise ConfigError(f"data.ood_tasks: {name} cannot be scored by a model of {task.name}: {err}") \
                     from None
         return out
+
+    def _ood_split(self, entry: str, name: str, task: TaskData) -> tuple[TaskData | None, datasets.Dataset]:
+        """(the task of one ``data.ood_tasks`` entry or None for a file, its rows to score).
+
+        A task by name: its evaluation split, labels renumbered to ``task``'s classes by name. A
+        local file (:func:`balora.data.classification.load_scored_file`): read with the run's column
+        options (``text`` [``text_pair`` for a pair task] ``label`` by default), its labels class
+        names of ``task`` or their ids. ``data.max_eval_examples`` applies to both."""
+        d, seed = self.config.data, self.config.train.seed
+        if data_file_stem(entry) is None:
+            other = load_task(entry, seed=seed, max_train_examples=1, max_eval_examples=d.max_eval_examples)
+            return other, other.eval
+        if task.problem_type == REGRESSION:
+            raise ValueError(f"{entry}: out-of-distribution scoring needs a classification task")
+        pair = d.text_pair_column or ("text_pair" if task.is_pair else None)
+        rows = load_scored_file(name, entry, task.label_names, text_column=d.text_column or "text",
+                                text_pair_column=pair, label_column=d.label_column or "label")
+        return None, subsample(rows, d.max_eval_examples, seed)
 
     def _imbalanced(self, task: TaskData, validation):
         """``task`` with its training rows at ``data.class_counts`` and the validation rows restricted

@@ -353,6 +353,24 @@ def load_classification_files(
                       sources={"train": str(train_file), "eval": str(eval_file)})
 
 
+def load_scored_file(
+    name: str,
+    path,
+    label_names: Sequence[str],
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+) -> datasets.Dataset:
+    """The rows of one local file, to be scored by a model of the classes ``label_names``
+    (out-of-distribution data): columns ``text`` [``text_pair``] ``label`` (int64 ids into
+    ``label_names``). A label may be a class name or an integer id ``0..K-1`` (GLUE's convention);
+    a file may hold only some of the classes. Rows with another label, or an empty text, are
+    skipped and counted in one warning; a file with no usable row is a one-line ValueError."""
+    raw = read_split(path, text_column, text_pair_column, label_column)
+    return build_task(name, raw, raw, label_names=label_names, sources={"train": str(path), "eval": str(path)},
+                      problem_type=CLASSIFICATION).eval
+
+
 # ---------------------------------------------------------------- splitting
 
 

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SUFFIXES", "Table", "cell_text", "read_records", "read_table"]
+__all__ = ["SUFFIXES", "Table", "cell_text", "data_file_stem", "read_records", "read_table"]
 
 #: Supported file suffixes (each text format also with ``.gz`` after it).
 SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
@@ -56,6 +56,19 @@ class Table:
     columns: list[str]
     blank_lines: int = 0
     long_rows: dict[int, int] = field(default_factory=dict)
+
+
+def data_file_stem(name: str) -> str | None:
+    """``name``'s file name without the suffix that names its format (``data/yelp.tsv`` -> ``yelp``,
+    ``x.jsonl.gz`` -> ``x``); None when it does not end in a supported suffix."""
+    path = Path(name.replace("\\", "/"))
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = suffixes[-1:] == [".gz"]
+    suffix = "".join(suffixes[-2:-1] if gzipped else suffixes[-1:])
+    if suffix not in (_TEXT_SUFFIXES if gzipped else SUFFIXES):
+        return None
+    stem = path.name[: len(path.name) - len(suffix) - 3 * gzipped]
+    return stem or None
 
 
 def _format(path: Path, what: str) -> tuple[str, bool]:
