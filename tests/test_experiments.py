@@ -356,6 +356,41 @@ def test_report_tables_match_hand_computation(tmp_path):
         [t.entries["lora"]["d1"].values for t in build_report(spec, store).tables]
 
 
+def test_report_lists_the_calibrated_lambdas_of_each_cell(tmp_path):
+    """From the record's metrics (calibrated_lambdas) or, for older records, the run's calibration.json."""
+    base = json.loads(json.dumps(BASE))
+    base["regularizers"] = {"lambdas": "auto", "calibration_terms": ["consistency"]}
+    spec = load_spec(_spec(base=base, grid={"method": ["lora+reg"], "seed": [42, 7, 9]},
+                           report={"metrics": ["accuracy"]}))
+    store = ExperimentStore(tmp_path / "store")
+    store.write_plan(spec)
+    by_seed = {42: 0.9, 7: 0.003}
+    for cell in spec.cells:
+        metrics = {"accuracy": 0.5}
+        if cell.seed == 42:
+            metrics["calibrated_lambdas"] = {"consistency": 0.9, "diversity": 0.03, "svd": 0.03}
+        outcome = {"status": FINISHED, "run_metrics": metrics, "timings": {}}
+        if cell.seed == 7:  # an older record: the λs only in its run directory
+            run = tmp_path / "store" / "runs" / cell.id / "run-1"
+            run.mkdir(parents=True)
+            (run / "calibration.json").write_text(json.dumps({"proposed": {"consistency": 0.003, "svd": 0.03}}))
+            outcome["run_dir"] = str(run)
+        store.write_record(make_record(cell, FINISHED, store=store, env={}, attempt=1, started_at=time.time(),
+                                       outcome=outcome))
+    path = write_report(spec, store)
+    text = path.read_text()
+    assert "## λs calibrated per cell (regularizers.lambdas: auto)" in text
+    assert "| lora+reg | files | λ (consistency) | 0.9 | 0.003 | — |" in text  # seed 9: no λs found
+    assert "λ (svd)" not in text and "λ (diversity)" not in text  # not calibrated: the spec's
+    with open(path.parent / "calibrated_lambdas.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(int(r["seed"]), r["term"], float(r["lambda"])) for r in rows] == \
+        [(s, "consistency", v) for s, v in by_seed.items()]
+    # no calibration, no section
+    spec2, store2 = _hand_made_store(tmp_path / "other")
+    assert "λs calibrated" not in write_report(spec2, store2).read_text()
+
+
 def test_report_excludes_cells_run_with_another_config(tmp_path):
     spec, store = _hand_made_store(tmp_path)
     changed = load_spec(dict(json.loads(json.dumps(spec.raw)), set={"train.max_steps": 3}))

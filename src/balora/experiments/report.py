@@ -6,13 +6,15 @@ records and writes into ``<store>/report/`` (or ``out_dir``):
 * ``report.md``: one table per metric (rows = methods, or method · variant; columns = data
   sets; each entry the mean ± sample std over the seeds; the best mean per column in bold; an
   Avg column, the mean of the row's column means), each titled with the split its numbers come
-  from; the paired comparison of every row with the baseline row; the cost table (peak memory,
-  wall time, paper Table 5); the choices made on the validation split (with ``select``); the
-  cells that are not counted (failed, not run, interrupted, or run with another config) and
-  the versions and commits the numbers come from;
+  from; the paired comparison of every row with the baseline row; the λs of cells that
+  calibrated them (``lambdas: auto``, :mod:`balora.experiments.calibration_report`); the cost
+  table (peak memory, wall time, paper Table 5); the choices made on the validation split (with
+  ``select``); the cells that are not counted (failed, not run, interrupted, or run with
+  another config) and the versions and commits the numbers come from;
 * ``table_<metric>.csv`` (the tables, mean / std / n per data set), ``comparison.csv``,
-  ``cost.csv``, ``selection.csv`` (with ``select``) and ``cells.csv`` (every counted cell's
-  value of every reported metric, the raw numbers behind the tables);
+  ``calibrated_lambdas.csv`` (with calibrated λs), ``cost.csv``, ``selection.csv`` (with
+  ``select``) and ``cells.csv`` (every counted cell's value of every reported metric, the raw
+  numbers behind the tables);
 * ``task_loss.png`` (training task loss per method, per data set) and ``metrics.png`` (bars with
   the std over seeds as error bars);
 * with ``merge``, the merge stage's sections, tables and figures (:mod:`balora.experiments.merge_report`).
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from balora.experiments.calibration_report import calibration_section
 from balora.experiments.convergence import SMOOTHING_WINDOW, STEPS_METRIC, common_threshold, steps_to_reach
 from balora.experiments.figures import plot_metric_bars, plot_sweep, plot_task_loss
 from balora.experiments.merge_report import merge_section
@@ -376,6 +379,9 @@ def write_report(spec: ExperimentSpec, store: ExperimentStore, out_dir: str | os
                    [[r, *[csv_value(v) for d in table.data for v in table.entries[r][d].stats], csv_value(table.average(r))]
                     for r in table.rows])
     parts += ["", *_comparison_section(report, out)]
+    calibration = calibration_section(report.cells, report.counted, store, spec.seeds, out)
+    if calibration:
+        parts += ["", *calibration]
     parts += ["", *_cost_section(report, out)]
     if spec.select is not None:
         parts += ["", *_selection_section(report, out)]
