@@ -54,7 +54,7 @@ def plot_task_loss(curves: Mapping[str, Mapping[str, Sequence[Curve]]], path: st
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values],
                                 color=line.get_color(), alpha=0.15, linewidth=0)
             plotted = True
-        ax.set_title(f"{data}: training task loss (band: min-max over seeds)" if plotted
+        ax.set_title(f"{data}\n(band: min-max over seeds)" if plotted
                      else f"{data}: no training step was logged", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("task loss, mean over seeds")
@@ -83,16 +83,17 @@ def plot_metric_bars(tables: Mapping[str, Mapping[str, Mapping[str, tuple[float,
             stds = [by_data[d].get(row, (math.nan, math.nan))[1] for d in data]
             errors = [0.0 if math.isnan(s) else s for s in stds]
             bars = ax.bar(x, means, width, yerr=errors, capsize=3, label=row, color=colors[i % len(colors)])
-            ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.3f}" for m in means], fontsize=7,
+            ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.3g}" for m in means], fontsize=7,
                          padding=2)
             tops += [m + e for m, e in zip(means, errors) if not math.isnan(m)]
             lows += [m - e for m, e in zip(means, errors) if not math.isnan(m)]
         ax.set_xticks(np.arange(len(data)), data, fontsize=8)
         ax.set_title(metric, fontsize=10)
         top, low = max(tops + [0.0]), min(lows + [0.0])
-        ax.set_ylim(low * 1.15 if low < 0 else 0, 1.1 if top <= 1.0 else top * 1.15)  # rates share a 0-1 axis
+        # rates share a 0-1 axis; the space above the bars holds the legend
+        ax.set_ylim(low * 1.15 if low < 0 else 0, 1.4 if top <= 1.0 else top * 1.5)
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", ncol=min(len(rows), 2), frameon=False)
     return save_figure(fig, path, title, title_size=11)
 
 
