@@ -26,14 +26,16 @@ def _version(name: str) -> str | None:
 def git_commit(folder: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """``{"commit": sha, "dirty": bool}`` of the git checkout holding ``folder`` (default: this
     package's source), or None when it is not in one or git is not installed. ``dirty``: tracked
-    files differ from the commit."""
+    files under ``folder`` differ from the commit (for the default, the code that runs; an
+    experiment store or results committed elsewhere in the checkout, which a grid rewrites as it
+    goes, do not count)."""
     folder = Path(folder) if folder is not None else Path(__file__).resolve().parent
     try:
         def git(*args: str) -> str:
             return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
                                   timeout=10, check=True).stdout.strip()
 
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))}
     except (OSError, subprocess.SubprocessError):
         return None
 
