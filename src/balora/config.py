@@ -392,6 +392,8 @@ _ADAPTER_USES: dict[str, tuple[Callable[[Any], bool], str]] = {
 VALIDATION_PREFIX = "validation/"
 #: Metrics of the out-of-distribution evaluation (data.ood_tasks): ``ood/<task>/<metric>``.
 OOD_PREFIX = "ood/"
+
+
 def ood_name(entry: str) -> str | None:
     """The name a ``data.ood_tasks`` entry is reported under (``ood/<name>/...``): a data file
     (by its suffix, see :mod:`balora.data.files`) by its stem, ``glue-x/yelp.tsv`` -> ``yelp``; a

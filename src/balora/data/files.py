@@ -58,31 +58,37 @@ class Table:
     long_rows: dict[int, int] = field(default_factory=dict)
 
 
+def _format_of(path: Path) -> tuple[str, bool] | None:
+    """(the suffix that names the format, whether the file is gzip-compressed), or None for a
+    name without a supported suffix."""
+    suffixes = [s.lower() for s in path.suffixes]
+    gzipped = suffixes[-1:] == [".gz"]
+    suffix = "".join(suffixes[-2:-1] if gzipped else suffixes[-1:])
+    return (suffix, gzipped) if suffix in (_TEXT_SUFFIXES if gzipped else SUFFIXES) else None
+
+
 def data_file_stem(name: str) -> str | None:
     """``name``'s file name without the suffix that names its format (``data/yelp.tsv`` -> ``yelp``,
     ``x.jsonl.gz`` -> ``x``); None when it does not end in a supported suffix."""
     path = Path(name.replace("\\", "/"))
-    suffixes = [s.lower() for s in path.suffixes]
-    gzipped = suffixes[-1:] == [".gz"]
-    suffix = "".join(suffixes[-2:-1] if gzipped else suffixes[-1:])
-    if suffix not in (_TEXT_SUFFIXES if gzipped else SUFFIXES):
+    found = _format_of(path)
+    if found is None:
         return None
-    stem = path.name[: len(path.name) - len(suffix) - 3 * gzipped]
-    return stem or None
+    suffix, gzipped = found
+    return path.name[: len(path.name) - len(suffix) - 3 * gzipped] or None
 
 
 def _format(path: Path, what: str) -> tuple[str, bool]:
     """(the suffix that names the format, whether the file is gzip-compressed)."""
-    suffixes = [s.lower() for s in path.suffixes]
-    gzipped = suffixes[-1:] == [".gz"]
-    suffix = "".join(suffixes[-2:-1] if gzipped else suffixes[-1:])
-    if suffix not in (_TEXT_SUFFIXES if gzipped else SUFFIXES):
+    found = _format_of(path)
+    if found is None:
+        gzipped = path.suffixes[-1:] and path.suffixes[-1].lower() == ".gz"
         shown = "".join(path.suffixes[-2:] if gzipped else path.suffixes[-1:])
         raise ValueError(
             f"unsupported {what} {path.name!r} (unknown file extension {shown!r}); "
             f"use one of {', '.join(SUFFIXES)} (a text format may end in .gz)"
         )
-    return suffix, gzipped
+    return found
 
 
 def _text(path: Path, gzipped: bool, what: str) -> str:
