@@ -35,7 +35,8 @@ def git_commit(folder: str | os.PathLike | None = None) -> dict[str, Any] | None
             return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
                                   timeout=10, check=True).stdout.strip()
 
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
     except (OSError, subprocess.SubprocessError):
         return None
 
