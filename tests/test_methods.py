@@ -294,7 +294,7 @@ def _dataset(n=24):
     return Dataset.from_dict(rows)
 
 
-def _trainer(model_dir, tmp_path, adapter, steps=2, lr=1e-2, regularizers=None):
+def _trainer(model_dir, tmp_path, adapter, steps=2, lr=1e-2, regularizers=None, head_learning_rate=None):
     from transformers import DataCollatorWithPadding
 
     torch.manual_seed(0)
@@ -306,7 +306,7 @@ def _trainer(model_dir, tmp_path, adapter, steps=2, lr=1e-2, regularizers=None):
         disable_tqdm=True, use_cpu=True, warmup_steps=0,
     )
     return BALoRATrainer(model=model, args=args, train_dataset=_dataset(), objective=objective, adapter=adapter,
-                         teacher=SnapshotTeacher(model) if objective.needs_teacher else None,
+                         head_learning_rate=head_learning_rate, teacher=SnapshotTeacher(model) if objective.needs_teacher else None,
                          data_collator=DataCollatorWithPadding(AutoTokenizer.from_pretrained(model_dir)))
 
 
@@ -326,6 +326,57 @@ def test_loraplus_trains_b_at_ratio_times_the_learning_rate_of_a(tiny_model_dir,
     assert len(lr_of) == len(named)  # every trainable parameter is optimised
     trainer.train()  # and it trains with the scheduler on these groups
     assert trainer.state.global_step == 2
+
+
+def test_head_learning_rate_is_the_heads_alone_and_follows_the_schedule(tiny_model_dir, tmp_path):
+    trainer = _trainer(tiny_model_dir, tmp_path, _adapter("pissa+reg"), steps=4, lr=1e-3,
+                       regularizers=RegularizerConfig(), head_learning_rate=5e-3)
+    optimizer = trainer.create_optimizer()
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert len(lr_of) == len(named)  # every trainable parameter is optimised, once
+    head = {n: lr_of[id(p)] for n, p in named if ".modules_to_save." in n}
+    rest = {n: lr_of[id(p)] for n, p in named if ".modules_to_save." not in n}
+    assert sorted(head) == sorted(n for n in head if "classifier" in n) and len(head) == 2  # weight, bias
+    assert set(head.values()) == {5e-3} and set(rest.values()) == {1e-3}
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(decay_of[id(p)] == 0.0 for _, p in named)  # the args' weight decay (0) everywhere
+    trainer.train()
+    rates = [(group["lr"], group["initial_lr"]) for group in trainer.optimizer.param_groups]
+    ratios = {round(lr / initial, 12) for lr, initial in rates}
+    assert len(ratios) == 1  # one schedule factor for the head and the adapter
+    assert {initial for _, initial in rates} == {1e-3, 5e-3}
+
+
+def test_head_learning_rate_refuses_a_model_without_a_trained_head(tiny_model_dir, tmp_path):
+    trainer = _trainer(tiny_model_dir, tmp_path, _adapter("lora"), head_learning_rate=5e-3)
+    for name, param in trainer.model.named_parameters():
+        if ".modules_to_save." in name:
+            param.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trained head"):
+        trainer.create_optimizer()
+
+
+def test_head_learning_rate_reaches_the_run(tiny_model_dir, task_files, tmp_path):
+    from safetensors.torch import load_file
+
+    from balora.runs import train_run
+
+    def saved(extra, sub):
+        result = train_run(_run_config(tiny_model_dir, task_files, tmp_path / sub, "lora", **extra), progress=False)
+        tensors = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+        return ({k: v for k, v in tensors.items() if "classifier" in k},
+                {k: v for k, v in tensors.items() if "lora_" in k})
+
+    head, adapter = saved({}, "default")
+    assert head and adapter
+    same_head, same_adapter = saved({"train.head_learning_rate": 1e-2}, "equal")  # = train.learning_rate
+    for key in head:
+        torch.testing.assert_close(same_head[key], head[key], atol=0, rtol=0)
+    for key in adapter:
+        torch.testing.assert_close(same_adapter[key], adapter[key], atol=0, rtol=0)
+    fast_head, _ = saved({"train.head_learning_rate": 0.2}, "fast")
+    assert max((fast_head[k] - head[k]).abs().max().item() for k in head) > 1e-3
 
 
 def test_lorafa_freezes_a_and_trains_b_with_its_optimizer(tiny_model_dir, tmp_path):

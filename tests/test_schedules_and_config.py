@@ -79,6 +79,11 @@ def test_yaml_and_overrides(tmp_path):
     (["train.lr_scheduler=cosin"], "train.lr_scheduler"),
     (["regularizers.svd_k_policy=round"], "svd_k_policy"),
     (["family=generation", "data.task=gsm-symbolic", "data.format=chatml"], "data.format"),
+    (["train.head_learning_rate=0"], "head_learning_rate must be > 0"),
+    (["train.head_learning_rate=1e-3", "adapter.method=loraplus"], "its optimizer"),
+    (["train.head_learning_rate=1e-3", "adapter.method=lorafa+reg"], "its optimizer"),
+    (["train.head_learning_rate=1e-3", "adapter.method=full"], "needs an adapter"),
+    (["family=generation", "data.task=gsm-symbolic", "train.head_learning_rate=1e-3"], "classification setting"),
 ])
 def test_bad_config_values_give_clear_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -517,6 +517,10 @@ class TrainConfig:
         1, help="micro-batches per optimiser step; the batch-level regulariser terms (covariance, SVD) "
                 "are computed per micro-batch")
     learning_rate: float = option(5e-4, help="peak learning rate of AdamW")
+    head_learning_rate: float | None = option(
+        family=CLASSIFICATION,
+        help="peak learning rate of the classification head (PEFT's modules_to_save), on the same "
+             "schedule; None = train.learning_rate")
     weight_decay: float = option(0.0, help="AdamW weight decay")
     warmup_ratio: float = option(0.06, help="fraction of the steps with a linear learning-rate warm-up, in [0, 1)")
     lr_scheduler: str = option("linear", help="transformers learning-rate schedule (linear, cosine, constant, ...)")
@@ -549,6 +553,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        if self.head_learning_rate is not None and self.head_learning_rate <= 0:
+            raise ConfigError(f"train.head_learning_rate must be > 0, got {self.head_learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if isinstance(self.report_to, str):
@@ -677,7 +683,7 @@ class RunConfig:
         _check_family_keys(self)
         _check_regularizers(self)
         _check_adapter(self.adapter)
-        _check_train(self.train)
+        _check_train(self.train, self.adapter)
         _check_routing(self)
         if self.family == GENERATION:
             _check_generation_data(self)
@@ -775,9 +781,19 @@ def _check_adapter(adapter: AdapterConfig) -> None:
                 raise ConfigError(f"adapter.{key} has no effect with adapter.method={adapter.method} (no adapter)")
 
 
-def _check_train(train: TrainConfig) -> None:
+def _check_train(train: TrainConfig, adapter: AdapterConfig) -> None:
+    from balora.methods import parse_method  # local import, as in AdapterConfig
+
     if train.max_steps > 0 and _is_set(train, "epochs"):
         raise ConfigError("train.epochs is ignored when train.max_steps > 0: set only one of them")
+    if train.head_learning_rate is not None:
+        spec = parse_method(adapter.method)
+        if spec.full:
+            raise ConfigError("train.head_learning_rate needs an adapter (the head is PEFT's modules_to_save); "
+                              "adapter.method=full trains every weight at train.learning_rate")
+        if spec.optimizer is not None:
+            raise ConfigError(f"train.head_learning_rate cannot be combined with adapter.method={adapter.method}: "
+                              f"its optimizer ({spec.optimizer}) sets its own learning rates")
 
 
 def _training_source(name: str) -> str:

@@ -291,6 +291,7 @@ def train_run(
     logger.info("run directory: %s", out_dir)
     trainer = BALoRATrainer(
         model=model, args=training_arguments(config, out_dir, progress), objective=objective, adapter=config.adapter,
+        head_learning_rate=config.train.head_learning_rate,
         train_dataset=family.train_set, data_collator=family.collator, processing_class=tokenizer,
     )
     train_seconds = _train(trainer, config, out_dir, resumed=resume is not None)

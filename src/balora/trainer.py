@@ -35,6 +35,10 @@ Methods that are more than an adapter (``adapter=`` the run's :class:`~balora.co
   and the orthogonality penalty ``adapter.adalora_orth_reg_weight`` × R(P, Q) is added to every
   objective's loss and logged as ``reg_orthogonal`` (PEFT would add it only to a loss the model
   computes from labels, which the generation objective does not).
+
+``head_learning_rate=`` (``train.head_learning_rate``) trains a classifier's head -- the
+parameters of PEFT's ``modules_to_save`` copies -- at its own peak learning rate, on the same
+schedule as the adapter (the transformers schedulers scale every parameter group).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class ObjectiveMixin:
     handling, chat templates and padding-free packing) the BA-LoRA loss and logging; :class:`BALoRATrainer` is
     ``ObjectiveMixin`` on the plain ``Trainer``. ``adapter``: the method's :class:`~balora.config.AdapterConfig`,
     read for the LoRA+ / LoRA-FA optimisers and AdaLoRA's schedule (required for an AdaLoRA model).
+    ``head_learning_rate``: the head's peak learning rate (None: ``args.learning_rate``).
     """
 
     # compute_loss weights each micro-batch's mean by its share of the optimiser step's items
@@ -71,9 +76,12 @@ class ObjectiveMixin:
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, objective: Objective, teacher: SnapshotTeacher | None = None,
-                 adapter: AdapterConfig | None = None, **kwargs):
+                 adapter: AdapterConfig | None = None, head_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.adapter = adapter
+        self.head_learning_rate = head_learning_rate
+        if head_learning_rate is not None and adapter is not None and parse_method(adapter.method).optimizer:
+            raise ValueError(f"head_learning_rate cannot be combined with {adapter.method}'s own optimizer")
         self._adalora = is_adalora(unwrap_model(self.model))
         if self._adalora:
             if adapter is None or not parse_method(adapter.method).adalora:
@@ -151,9 +159,12 @@ class ObjectiveMixin:
         return (loss, None) if return_outputs else loss
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """PEFT's optimiser of the method (LoRA+, LoRA-FA), else the ``Trainer``'s."""
+        """PEFT's optimiser of the method (LoRA+, LoRA-FA), the head at its own learning rate, else
+        the ``Trainer``'s."""
         if self.optimizer is None and self.adapter is not None:
             self.optimizer = method_optimizer(unwrap_model(self.model), self.adapter, self.args)
+        if self.optimizer is None and self.head_learning_rate is not None:
+            self.optimizer = head_lr_optimizer(self, unwrap_model(self.model), self.head_learning_rate)
         return self.optimizer if self.optimizer is not None else super().create_optimizer(model)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -209,6 +220,27 @@ def method_optimizer(model: torch.nn.Module, adapter: AdapterConfig,
         return create_lorafa_optimizer(model, r=adapter.rank, lora_alpha=alpha, lr=args.learning_rate,
                                        weight_decay=args.weight_decay)
     return None
+
+
+def head_lr_optimizer(trainer: Trainer, model: torch.nn.Module, head_lr: float) -> torch.optim.Optimizer:
+    """The ``Trainer``'s optimiser (class and settings of ``trainer.args``, its weight-decay rule)
+    with the head's parameters -- those of PEFT's ``modules_to_save`` copies -- at ``head_lr`` and
+    every other trainable parameter at ``args.learning_rate``."""
+    args = trainer.args
+    decay = set(trainer.get_decay_parameter_names(model))
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((".modules_to_save." in name, name in decay), []).append(param)
+    if not any(head for head, _ in groups):
+        raise ValueError("head_learning_rate: the model has no trained head (no PEFT modules_to_save "
+                         "parameter requires a gradient)")
+    param_groups = [{"params": params, "lr": head_lr if head else args.learning_rate,
+                     "weight_decay": args.weight_decay if decayed else 0.0}
+                    for (head, decayed), params in groups.items()]
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
+    return optimizer_cls(param_groups, lr=args.learning_rate, **kwargs)
 
 
 class AdaLoraBudgetCallback(TrainerCallback):
