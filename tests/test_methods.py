@@ -365,6 +365,8 @@ def test_head_learning_rate_reaches_the_run(tiny_model_dir, task_files, tmp_path
     def saved(extra, sub):
         result = train_run(_run_config(tiny_model_dir, task_files, tmp_path / sub, "lora", **extra), progress=False)
         tensors = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+        card = (result.run_dir / "adapter" / "README.md").read_text()
+        assert ("| head learning rate |" in card) == ("train.head_learning_rate" in extra)
         return ({k: v for k, v in tensors.items() if "classifier" in k},
                 {k: v for k, v in tensors.items() if "lora_" in k})
 

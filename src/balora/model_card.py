@@ -240,6 +240,8 @@ def _budget_section(config: RunConfig, metrics: Mapping[str, Any]) -> str:
             ("learning rate", f"{t.learning_rate:g} (AdamW, {t.lr_scheduler} schedule, "
                               f"warm-up ratio {t.warmup_ratio:g})"),
             ("weight decay", t.weight_decay), ("precision", t.precision), ("seed", t.seed)]
+    if t.head_learning_rate is not None:
+        rows.insert(3, ("head learning rate", f"{t.head_learning_rate:g} (same schedule)"))
     if "trainable_parameters" in metrics:
         rows.append(("trainable parameters", f"{metrics['trainable_parameters']:,}"))
     if "train_seconds" in metrics:
