@@ -62,8 +62,10 @@ def shared_head_modules(model: nn.Module) -> tuple[str, ...]:
     return tuple(name for name in CLASSIFICATION_HEADS if isinstance(getattr(model, name, None), nn.Module))
 
 
-def _is_shared(name: str, shared_modules: tuple[str, ...]) -> bool:
-    return any(part in shared_modules for part in name.split("."))
+def in_modules(name: str, modules: tuple[str, ...]) -> bool:
+    """True when the parameter ``name`` lies inside one of the modules named ``modules`` (a
+    component of its dotted path), e.g. a head parameter for :func:`shared_head_modules`."""
+    return any(part in modules for part in name.split("."))
 
 
 class SnapshotTeacher:
@@ -78,7 +80,7 @@ class SnapshotTeacher:
         self.snapshot: dict[str, torch.Tensor] = {
             name: param.detach().clone()
             for name, param in model.named_parameters()
-            if param.requires_grad and not _is_shared(name, self.shared_modules)
+            if param.requires_grad and not in_modules(name, self.shared_modules)
         }
         if not self.snapshot:
             raise ValueError("the model has no trainable parameters outside the shared head to snapshot")

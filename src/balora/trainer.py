@@ -56,7 +56,7 @@ from balora.distributed import check_teacher_supported, mean_logs_across_process
 from balora.methods import parse_method
 from balora.objectives import Objective
 from balora.objectives.classification import EXAMPLE_ID
-from balora.teacher import SnapshotTeacher, unwrap_model
+from balora.teacher import SnapshotTeacher, in_modules, shared_head_modules, unwrap_model
 
 logger = logging.getLogger("balora")
 
@@ -228,10 +228,11 @@ def head_lr_optimizer(trainer: Trainer, model: torch.nn.Module, head_lr: float) 
     every other trainable parameter at ``args.learning_rate``."""
     args = trainer.args
     decay = set(trainer.get_decay_parameter_names(model))
+    heads = shared_head_modules(model)  # the head, as the teacher shares it
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault((".modules_to_save." in name, name in decay), []).append(param)
+            groups.setdefault((in_modules(name, heads), name in decay), []).append(param)
     if not any(head for head, _ in groups):
         raise ValueError("head_learning_rate: the model has no trained head (no PEFT modules_to_save "
                          "parameter requires a gradient)")
